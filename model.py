@@ -1,0 +1,827 @@
+"""Qwen2.5-VL in plain PyTorch: vision tower, M-RoPE decoder, KV-cache generation.
+
+One file holds the whole model, written to be read next to
+`transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py` (the reference it is tested against, to
+float32 round-off or bitwise) and the Qwen2.5-VL technical report (arXiv 2502.13923).
+
+    config.json + *.safetensors  --from_pretrained-->  Qwen2_5_VL
+    pixel_values (N, 1176), image_grid_thw (n_img, 3)  --VisionTower-->  (N/4, D) image features
+    input_ids (B, T) with <|image_pad|> slots  --embed, splice features, decoder-->  logits (B, T, V)
+
+The attention maths is written out once, in `attention_probs` (scores, intervention, mask,
+softmax): the explicit path multiplies those probabilities with the values, and the attention
+statistics of vas.py (VAS, the attention-guided loss, the visual reward) call the same function on
+chunks of query rows. The SDPA path (`attn_impl="sdpa"`, the default) gives the same numbers with
+a fused kernel. An `attn_ctl` object passed to `forward` is the one hook the method needs:
+
+    attn_ctl.key_scale(layer) -> (B, Tk) multiplier on each key's logits, or None   (intervention)
+    attn_ctl.observe(layer, q, k, allowed, key_scale) -> None                           (statistics)
+
+Generation (`generate`) left-pads a batch of prompts into a pre-allocated KV cache, runs the vision
+tower once per prompt, and decodes greedily or by temperature / top-p sampling until a stop token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    num_heads: int = 16
+    intermediate_size: int = 3420
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: list = field(default_factory=lambda: [7, 15, 23, 31])
+    in_chans: int = 3
+    out_hidden_size: int = 3584
+    rope_theta: float = 10000.0  # fixed in the reference, not read from config.json
+
+
+@dataclass
+class Config:
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    mrope_section: list = field(default_factory=lambda: [16, 24, 24])
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 128000
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+    vision: VisionConfig = field(default_factory=VisionConfig)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        """Read a Hugging Face config: flat (hub files) or with a nested `text_config` (newer saves).
+        Top level first, then `text_config`; rope settings from `rope_scaling` or `rope_parameters`."""
+        text = d.get("text_config") or {}
+
+        def get(name, default=None):
+            if name in d:
+                return d[name]
+            return text.get(name, default)
+
+        rope = get("rope_scaling") or get("rope_parameters") or {}
+        kw = {}
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
+                  "max_position_embeddings", "image_token_id", "video_token_id",
+                  "vision_start_token_id", "vision_end_token_id", "bos_token_id", "eos_token_id"):
+            v = get(f)
+            if v is not None:
+                kw[f] = v
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = kw["eos_token_id"][0]
+        kw["rope_theta"] = get("rope_theta") or rope.get("rope_theta") or 1000000.0
+        kw["mrope_section"] = list(rope.get("mrope_section", [16, 24, 24]))
+        kw["tie_word_embeddings"] = bool(d.get("tie_word_embeddings", False)
+                                         or text.get("tie_word_embeddings", False))
+        if get("use_sliding_window"):
+            raise ValueError("config.json: sliding-window attention is not supported (Qwen2.5-VL does not use it)")
+        vd = dict(d.get("vision_config") or {})
+        if "in_channels" in vd and "in_chans" not in vd:
+            vd["in_chans"] = vd["in_channels"]
+        vfields = {f for f in VisionConfig.__dataclass_fields__ if f != "rope_theta"}
+        vision = VisionConfig(**{k: v for k, v in vd.items() if k in vfields})
+        cfg = cls(**kw, vision=vision)
+        if sum(cfg.mrope_section) * 2 != cfg.head_dim:
+            raise ValueError(f"config.json: mrope_section {cfg.mrope_section} must sum to head_dim/2 = {cfg.head_dim // 2}")
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str) -> "Config":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict:
+        """The hub's flat layout, plus a nested `text_config` copy so both readers agree."""
+        d = asdict(self)
+        vision = d.pop("vision")
+        vision.pop("rope_theta")
+        vision["in_channels"] = vision["in_chans"]
+        mrope = d.pop("mrope_section")
+        text = dict(d, model_type="qwen2_5_vl_text", hidden_act="silu", use_sliding_window=False,
+                    rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": mrope})
+        return dict(d, architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl",
+                    hidden_act="silu", use_sliding_window=False,
+                    rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": mrope},
+                    text_config=text,
+                    vision_config=dict(vision, model_type="qwen2_5_vl", hidden_act="silu",
+                                       tokens_per_second=2))
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in float32, cast back before the weight: the order matters for bf16 parity.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention: the explicit maths (where VAS is measured and logits are rescaled) and SDPA
+# --------------------------------------------------------------------------------------------
+
+
+def attention_probs(q, k, allowed, scale: float, key_scale=None):
+    """Post-softmax attention A (B, H, Tq, Tk) in q's dtype, written out.
+
+    q (B, H, Tq, d), k (B, H, Tk, d), allowed (B, 1, Tq, Tk) bool, key_scale (B, Tk) or None.
+    """
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # Z: pre-softmax logits
+    if key_scale is not None:  # the paper's intervention: Z' = Z * (1 + a_img on image keys - a_sys on system keys)
+        scores = scores * key_scale[:, None, None, :].to(scores.dtype)
+    scores = scores.masked_fill(~allowed, float("-inf"))  # causal + padding mask
+    return F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+
+
+def attend(q, k, v, allowed, scale: float, impl: str, key_scale=None, is_causal=False):
+    """Attention output (B, H, Tq, d). `impl`: "eager" (explicit, via attention_probs) or "sdpa".
+
+    Because Z = q.k * scale, multiplying the logits of key j by c equals multiplying k_j by c: the
+    SDPA path applies the intervention to the keys and runs the fused kernel unchanged.
+    """
+    if impl == "eager":
+        return torch.matmul(attention_probs(q, k, allowed, scale, key_scale), v)
+    if key_scale is not None:
+        k = k * key_scale[:, None, :, None].to(k.dtype)
+    if is_causal:  # no padding, no cache: let the kernel build the causal mask itself
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Vision tower
+# --------------------------------------------------------------------------------------------
+
+
+def vision_rotary(grid_thw, merge: int, head_dim: int, theta: float):
+    """2-D rotary angles (N, head_dim) in float32: [row freqs | col freqs] twice, patches in merge-block order."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2)))  # (head_dim/4,)
+    pos = []
+    for t, h, w in grid_thw.tolist():
+        hpos = torch.arange(h)[:, None].expand(h, w)
+        wpos = torch.arange(w)[None, :].expand(h, w)
+        # reorder into 2x2 merge blocks so that 4 consecutive patches become one merged token
+        hpos = hpos.reshape(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).flatten()
+        wpos = wpos.reshape(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).flatten()
+        pos.append(torch.stack([hpos, wpos], dim=-1).repeat(t, 1))
+    pos = torch.cat(pos).to(inv.device)  # (N, 2)
+    freqs = (pos[..., None].float() * inv).flatten(1)  # (N, 2 * head_dim/4) = [row | col]
+    return torch.cat([freqs, freqs], dim=-1)
+
+
+def vision_windows(grid_thw, merge: int, window_size: int, patch_size: int):
+    """Window order of the merged tokens and window boundaries in patches.
+
+    Returns window_index (N/4,) (merged-token permutation) and cu_window_seqlens (n_windows + 1,).
+    Windows are `window_size / merge / patch_size` merged tokens on a side; edge windows are smaller.
+    """
+    side = window_size // merge // patch_size
+    unit = merge * merge
+    index, cu, offset = [], [0], 0
+    for t, h, w in grid_thw.tolist():
+        lh, lw = h // merge, w // merge
+        ids = torch.arange(t * lh * lw).reshape(t, lh, lw)
+        pad_h, pad_w = side - lh % side, side - lw % side  # `side`, not 0, when divisible (as the reference)
+        nh, nw = (lh + pad_h) // side, (lw + pad_w) // side
+        ids = F.pad(ids, (0, pad_w, 0, pad_h), value=-100)
+        ids = ids.reshape(t, nh, side, nw, side).permute(0, 1, 3, 2, 4).reshape(t, nh * nw, side * side)
+        sizes = (ids != -100).sum(-1).flatten()
+        ids = ids.flatten()
+        index.append(ids[ids != -100] + offset)
+        cu.extend((sizes.cumsum(0) * unit + cu[-1]).tolist())
+        offset += t * lh * lw
+    cu = torch.unique_consecutive(torch.tensor(cu, dtype=torch.int64))  # empty windows vanish
+    return torch.cat(index), cu
+
+
+def segment_attention(q, k, v, cu_seqlens, scale: float, batched: bool):
+    """Non-causal attention within each segment [cu[i], cu[i+1]) of a packed sequence.
+
+    q, k, v (N, H, d) -> (N, H, d). `batched=False`: one SDPA call per segment (bitwise equal to the
+    reference). `batched=True`: segments padded into one (S, H, Lmax, d) call with a key mask.
+    """
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    if not batched:
+        outs = [F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
+                                               vs.transpose(0, 1)[None], scale=scale)[0].transpose(0, 1)
+                for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
+        return torch.cat(outs)
+    lmax = max(lengths)
+    starts = cu_seqlens[:-1].to(q.device)
+    lens = torch.tensor(lengths, device=q.device)
+    offs = torch.arange(lmax, device=q.device)
+    valid = offs[None, :] < lens[:, None]  # (S, Lmax)
+    idx = (starts[:, None] + offs[None, :]).clamp(max=q.shape[0] - 1)  # (S, Lmax)
+    qb, kb, vb = (x[idx].transpose(1, 2) for x in (q, k, v))  # (S, H, Lmax, d)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=valid[:, None, None, :], scale=scale)
+    return out.transpose(1, 2)[valid]  # segments are contiguous and in order: (N, H, d)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x, cos, sin, cu_seqlens, batched: bool):
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # (N, H, d) each
+        # rotary in float32, cast back (the reference does the same; it matters for bf16 parity)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        qf, kf = q.float(), k.float()
+        q = (qf * cos + rotate_half(qf) * sin).to(q.dtype)
+        k = (kf * cos + rotate_half(kf) * sin).to(k.dtype)
+        out = segment_attention(q, k, v, cu_seqlens, self.head_dim ** -0.5, batched)
+        return self.proj(out.reshape(n, -1))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, vc: VisionConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(vc.hidden_size)
+        self.norm2 = RMSNorm(vc.hidden_size)
+        self.attn = VisionAttention(vc.hidden_size, vc.num_heads)
+        self.mlp = SwiGLU(vc.hidden_size, vc.intermediate_size, bias=True)
+
+    def forward(self, x, cos, sin, cu_seqlens, batched: bool):
+        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, batched)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, vc: VisionConfig):
+        super().__init__()
+        self.shape = (vc.in_chans, vc.temporal_patch_size, vc.patch_size, vc.patch_size)
+        self.proj = nn.Conv3d(vc.in_chans, vc.hidden_size, kernel_size=self.shape[1:], stride=self.shape[1:], bias=False)
+
+    def forward(self, pixel_values):  # (N, 3*2*14*14) -> (N, hidden)
+        x = pixel_values.view(-1, *self.shape).to(self.proj.weight.dtype)
+        return self.proj(x).flatten(1)
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, vc: VisionConfig):
+        super().__init__()
+        self.unit_dim = vc.hidden_size * vc.spatial_merge_size ** 2
+        self.ln_q = RMSNorm(vc.hidden_size)
+        self.mlp = nn.Sequential(nn.Linear(self.unit_dim, self.unit_dim), nn.GELU(),
+                                 nn.Linear(self.unit_dim, vc.out_hidden_size))
+
+    def forward(self, x):  # (N, hidden) -> (N/4, out_hidden): 4 consecutive patches form one token
+        return self.mlp(self.ln_q(x).view(-1, self.unit_dim))
+
+
+class VisionTower(nn.Module):
+    def __init__(self, vc: VisionConfig):
+        super().__init__()
+        self.vc = vc
+        self.patch_embed = PatchEmbed(vc)
+        self.blocks = nn.ModuleList([VisionBlock(vc) for _ in range(vc.depth)])
+        self.merger = PatchMerger(vc)
+        self.batched_attention = False  # True: one padded kernel call per block instead of one per window
+        self.gradient_checkpointing = False
+
+    def forward(self, pixel_values, grid_thw):
+        vc = self.vc
+        unit = vc.spatial_merge_size ** 2
+        grid_thw = grid_thw.cpu()
+        x = self.patch_embed(pixel_values)  # (N, C)
+        n = x.shape[0]
+        rot = vision_rotary(grid_thw, vc.spatial_merge_size, vc.hidden_size // vc.num_heads, vc.rope_theta).to(x.device)
+        window_index, cu_window = vision_windows(grid_thw, vc.spatial_merge_size, vc.window_size, vc.patch_size)
+        # full attention: one segment per image frame, so no token attends across images
+        cu_full = F.pad(torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]).cumsum(0), (1, 0))
+        window_index = window_index.to(x.device)
+        # put patches in window order, 4 patches (one merged token) at a time
+        x = x.view(n // unit, unit, -1)[window_index].reshape(n, -1)
+        rot = rot.view(n // unit, unit, -1)[window_index].reshape(n, -1)
+        cos, sin = rot.cos(), rot.sin()
+        for i, blk in enumerate(self.blocks):
+            cu = cu_full if i in vc.fullatt_block_indexes else cu_window
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, cos, sin, cu, self.batched_attention, use_reentrant=False)
+            else:
+                x = blk(x, cos, sin, cu, self.batched_attention)
+        x = self.merger(x)  # (N/4, D)
+        return x[torch.argsort(window_index)]  # back to raster order
+
+
+# --------------------------------------------------------------------------------------------
+# Language model
+# --------------------------------------------------------------------------------------------
+
+
+def mrope_cos_sin(position_ids, head_dim: int, theta: float, section, dtype):
+    """Multimodal rotary: position_ids (3, B, T) -> cos, sin (B, T, head_dim) in `dtype`.
+
+    Frequency chunk i of `section * 2` takes its angle from axis i % 3 (temporal, height, width).
+    """
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=position_ids.device) / head_dim))
+    freqs = position_ids[..., None].float() * inv  # (3, B, T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (3, B, T, head_dim)
+    chunks = emb.split(list(section) * 2, dim=-1)
+    emb = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)  # (B, T, head_dim)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, allowed, impl, cache=None, attn_ctl=None, is_causal=False):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, d)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:  # write this step's keys/values, attend over the whole static buffer
+            k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, d)
+        rep = self.n_heads // self.n_kv  # grouped-query attention: each KV head serves `rep` query heads
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+        key_scale = attn_ctl.key_scale(self.layer_idx) if attn_ctl is not None else None
+        if attn_ctl is not None:
+            attn_ctl.observe(self.layer_idx, q, k, allowed, key_scale)
+        out = attend(q, k, v, allowed, self.head_dim ** -0.5, impl, key_scale, is_causal and key_scale is None)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, allowed, impl, cache=None, attn_ctl=None, is_causal=False):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, allowed, impl, cache, attn_ctl, is_causal)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def rope_index(input_ids, image_grid_thw, attention_mask, cfg: Config):
+    """3-D M-RoPE positions (3, B, T) and rope_delta (B,), per row over its non-padding tokens.
+
+    Text tokens advance all three axes together; an image of merged grid (t, lh, lw) starting at
+    `base` takes (base + t_i, base + row, base + col) and the text after it resumes at
+    base + max(t, lh, lw). rope_delta = max position + 1 - T lets decoding continue at
+    (cache index + rope_delta) on all axes. Padding positions are 0 (they are masked anyway).
+    """
+    B, T = input_ids.shape
+    merge = cfg.vision.spatial_merge_size
+    grids = image_grid_thw.tolist() if image_grid_thw is not None else []
+    ids_cpu = input_ids.cpu()
+    mask_cpu = attention_mask.bool().cpu() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool)
+    pos = torch.zeros(3, B, T, dtype=torch.long)
+    deltas = torch.zeros(B, dtype=torch.long)
+    g = 0
+    for b in range(B):
+        ids = ids_cpu[b][mask_cpu[b]]
+        is_img = (ids == cfg.image_token_id).tolist()
+        n, i, cur, parts = len(ids), 0, 0, []
+        while i < n:
+            if is_img[i]:
+                if g >= len(grids):
+                    raise ValueError(f"row {b}: more images in input_ids than entries in image_grid_thw")
+                t, h, w = grids[g]
+                lh, lw = h // merge, w // merge
+                cnt = t * lh * lw
+                if i + cnt > n or not all(is_img[i:i + cnt]):
+                    raise ValueError(f"row {b}: image {g} needs {cnt} consecutive <|image_pad|> tokens at {i}")
+                tt = torch.arange(t).repeat_interleave(lh * lw)
+                hh = torch.arange(lh).repeat_interleave(lw).repeat(t)
+                ww = torch.arange(lw).repeat(t * lh)
+                parts.append(torch.stack([tt, hh, ww]) + cur)
+                cur += max(t, lh, lw)
+                i += cnt
+                g += 1
+            else:
+                j = i
+                while j < n and not is_img[j]:
+                    j += 1
+                parts.append(torch.arange(cur, cur + j - i).expand(3, -1))
+                cur += j - i
+                i = j
+        row = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
+        pos[:, b, mask_cpu[b]] = row
+        deltas[b] = (row.max() + 1 if row.numel() else 0) - T
+    if g != len(grids):
+        raise ValueError(f"image_grid_thw has {len(grids)} images but input_ids hold {g}")
+    return pos.to(input_ids.device), deltas.to(input_ids.device)
+
+
+class KVCache:
+    """Pre-allocated keys/values (layers, B, KV, S, d), written in place at [seen, seen + T).
+
+    Every row shares one write position: prompts are left-padded so they end together; padding
+    and not-yet-written slots are excluded through `key_valid` (B, S). `rope_delta` (B,) is set by
+    the prefill so that decoding continues at position (cache index + rope_delta).
+    """
+
+    def __init__(self, cfg: Config, batch: int, max_len: int, dtype, device):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.rope_delta = torch.zeros(batch, dtype=torch.long, device=device)
+        self.seen = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k, v):
+        T = k.shape[2]
+        self.k[layer, :, :, self.seen:self.seen + T] = k
+        self.v[layer, :, :, self.seen:self.seen + T] = v
+        return self.k[layer], self.v[layer]
+
+
+# --------------------------------------------------------------------------------------------
+# The full model
+# --------------------------------------------------------------------------------------------
+
+
+class Qwen2_5_VL(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTower(cfg.vision)
+        self.model = TextModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.attn_impl = "sdpa"  # "eager": the explicit attention_probs path; "sdpa": fused kernel
+        self.gradient_checkpointing = False
+
+    def set_gradient_checkpointing(self, on: bool = True):
+        """Recompute each decoder layer and vision block in backward instead of keeping activations."""
+        self.gradient_checkpointing = on
+        self.visual.gradient_checkpointing = on
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
+        """Token embeddings with image features scattered, in image order, into <|image_pad|> slots."""
+        x = self.model.embed_tokens(input_ids)
+        n_slots = int((input_ids == self.cfg.image_token_id).sum())
+        if pixel_values is None:
+            if n_slots:
+                raise ValueError(f"input_ids hold {n_slots} <|image_pad|> tokens but no pixel_values were given")
+            return x
+        feats = self.visual(pixel_values, image_grid_thw)  # (N/4, D)
+        if feats.shape[0] != n_slots:
+            raise ValueError(f"{feats.shape[0]} image features for {n_slots} <|image_pad|> tokens")
+        slots = (input_ids == self.cfg.image_token_id)[..., None].expand_as(x)
+        return x.masked_scatter(slots, feats.to(x.dtype))
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
+                cache: KVCache | None = None, attn_ctl=None, return_hidden: bool = False):
+        """Logits (B, T, V) (or final hidden states (B, T, D) with return_hidden).
+
+        attention_mask (B, T): 1 for tokens, 0 for padding (left or right). With a `cache`, the
+        first call is the prefill (its attention_mask marks the prompt's padding) and later calls
+        decode, each token taking the next cache slot.
+        """
+        cfg = self.cfg
+        B, T = input_ids.shape
+        dev = input_ids.device
+        x = self.embed(input_ids, pixel_values, image_grid_thw)
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=dev)
+        attention_mask = attention_mask.bool()
+
+        start = cache.seen if cache is not None else 0
+        if start == 0:
+            position_ids, rope_delta = rope_index(input_ids, image_grid_thw, attention_mask, cfg)
+            if cache is not None:
+                cache.rope_delta = rope_delta
+        else:  # decoding: cache index + rope_delta on all three axes
+            idx = torch.arange(start, start + T, device=dev)
+            position_ids = (idx[None, :] + cache.rope_delta[:, None]).expand(3, B, T)
+        cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, x.dtype)
+
+        # allowed[b, 0, i, j]: query i may see key j (causal by absolute index, key not padding).
+        # The diagonal is always allowed, so a padding query row never has zero keys (no NaN).
+        q_idx = torch.arange(start, start + T, device=dev)
+        if cache is not None:
+            cache.key_valid[:, start:start + T] = attention_mask
+            key_valid, k_idx = cache.key_valid, torch.arange(cache.max_len, device=dev)
+        else:
+            key_valid, k_idx = attention_mask, q_idx
+        allowed = (k_idx[None, :] <= q_idx[:, None])[None] & key_valid[:, None, :]
+        allowed = (allowed | (k_idx[None, :] == q_idx[:, None])[None])[:, None]  # (B, 1, T, Tk)
+        is_causal = cache is None and bool(attention_mask.all())
+
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, allowed, self.attn_impl, cache, attn_ctl, is_causal,
+                               use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, allowed, self.attn_impl, cache, attn_ctl, is_causal)
+        x = self.model.norm(x)
+        if cache is not None:
+            cache.seen += T
+        return x if return_hidden else self.lm_head(x)
+
+    # ---------------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, prompts, pixel_values=None, image_grid_thw=None, *, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop_ids=None, pad_id: int | None = None, vocab_limit: int | None = None,
+                 attn_ctl_factory=None):
+        """Decode a batch of prompts with a pre-allocated KV cache.
+
+        prompts: list of 1-D LongTensors (ragged; each may contain <|image_pad|> runs).
+        pixel_values / image_grid_thw: all prompts' images concatenated in prompt order, as the
+            image processor returns them. The vision tower runs once, in the prefill.
+        temperature 0 is greedy; otherwise softmax(logits / temperature) restricted to the top-p
+            nucleus, drawn from a torch.Generator seeded with `seed` (same seed, same samples).
+        stop_ids: a row ends after emitting one of these (the stop token is kept and counted);
+            default <|im_end|> and <|endoftext|> (eos and bos ids of the config). pad_id: default
+            <|endoftext|>, used for left padding and after each row's end.
+        vocab_limit: ids >= this (Qwen pads its embedding matrix past the tokenizer) are never drawn.
+        attn_ctl_factory(key_roles_len) -> attn_ctl, for the intervention during generation:
+            called with the cache length, it must return a controller whose key_scale covers it.
+        Returns (tokens (B, max_new_tokens) padded with pad_id after each row's end, lengths (B,)).
+        """
+        dev = self.lm_head.weight.device
+        if stop_ids is None:
+            stop_ids = (self.cfg.eos_token_id, self.cfg.bos_token_id)
+        if pad_id is None:
+            pad_id = self.cfg.bos_token_id
+        B = len(prompts)
+        L = max(len(p) for p in prompts)
+        ids = torch.full((B, L), pad_id, dtype=torch.long, device=dev)
+        mask = torch.zeros(B, L, dtype=torch.bool, device=dev)
+        for b, p in enumerate(prompts):  # left padding: every prompt ends at index L - 1
+            ids[b, L - len(p):] = p.to(dev)
+            mask[b, L - len(p):] = True
+        cache = KVCache(self.cfg, B, L + max_new_tokens, self.lm_head.weight.dtype, dev)
+        ctl = attn_ctl_factory(cache.max_len, ids, mask) if attn_ctl_factory is not None else None
+        gen = None
+        if temperature > 0:
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(seed if seed is not None else torch.seed())
+        stops = torch.tensor(list(stop_ids), device=dev)
+        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+        lengths = torch.zeros(B, dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+
+        logits = self(ids, mask, pixel_values, image_grid_thw, cache=cache, attn_ctl=ctl)[:, -1]
+        for step in range(max_new_tokens):
+            tok = sample_next(logits.float(), temperature, top_p, gen, vocab_limit)
+            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+            out[:, step] = tok
+            lengths += (~done).long()
+            done |= torch.isin(tok, stops)
+            if step + 1 == max_new_tokens or bool(done.all()):
+                break
+            logits = self(tok[:, None], None, cache=cache, attn_ctl=ctl)[:, -1]
+        return out, lengths
+
+
+def sample_next(logits, temperature: float, top_p: float, gen, vocab_limit=None):
+    """One token per row from logits (B, V) (float32): greedy at temperature 0, else top-p sampling."""
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits.clone()
+        logits[:, vocab_limit:] = float("-inf")
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the mass strictly before it already reaches top_p (keeps at least one)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and saving Hugging Face checkpoints
+# --------------------------------------------------------------------------------------------
+
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _normalise_name(name: str) -> str:
+    """Newer files name `model.visual.*` / `model.language_model.*`; the hub layout is `visual.*` / `model.*`."""
+    if name.startswith("model.visual."):
+        return name[len("model."):]
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    return name
+
+
+def read_safetensors_header(path: str):
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def iter_safetensors(path: str):
+    """Yield (name, tensor) from one .safetensors file, reading each tensor straight into its own
+    buffer with plain file reads: no memory map, no float32 detour, one tensor in flight at a time."""
+    header, base = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = meta["data_offsets"]
+            dtype = _ST_DTYPES.get(meta["dtype"])
+            if dtype is None:
+                raise ValueError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
+            t = torch.empty(meta["shape"], dtype=dtype)
+            buf = t.view(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+            if buf.numel() != end - start:
+                raise ValueError(f"{path}: tensor {name} has {end - start} bytes, expected {buf.numel()}")
+            f.seek(base + start)
+            if end > start and f.readinto(memoryview(buf.numpy())) != end - start:
+                raise ValueError(f"{path}: file ends inside tensor {name}")
+            yield name, t
+
+
+def checkpoint_files(path: str):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return [os.path.join(path, s) for s in sorted(set(weight_map.values()))]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+
+
+def from_pretrained(path: str, dtype=torch.bfloat16, device="cpu") -> Qwen2_5_VL:
+    """Build the model from a Hugging Face folder (config.json + safetensors, single or sharded).
+
+    The module tree is created on the meta device (no memory), then each tensor is read from disk,
+    cast to `dtype` if it differs, moved to `device` and put in place: host memory peaks near one
+    copy of the checkpoint. Missing, unexpected and mis-shaped names are an error that lists them.
+    """
+    cfg = Config.from_json(os.path.join(path, "config.json"))
+    files = checkpoint_files(path)
+    names = {}
+    for fp in files:
+        names.update({_normalise_name(n): meta for n, meta in read_safetensors_header(fp)[0].items()})
+    if "lm_head.weight" not in names:  # the rule of the reference: no lm_head in the files means tied
+        cfg.tie_word_embeddings = True
+    with torch.device("meta"):
+        model = Qwen2_5_VL(cfg)
+    expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        names.pop("lm_head.weight", None)  # a tied file may still carry a copy; the embedding wins
+    missing = sorted(set(expected) - set(names))
+    unexpected = sorted(set(names) - set(expected))
+    mismatched = sorted(f"{n}: file {tuple(names[n]['shape'])} vs model {expected[n]}"
+                        for n in set(names) & set(expected) if tuple(names[n]["shape"]) != expected[n])
+    if missing or unexpected or mismatched:
+        raise ValueError(f"{path}: checkpoint does not match config.json\n  missing: {missing}\n"
+                         f"  unexpected: {unexpected}\n  shape mismatch: {mismatched}")
+    modules = dict(model.named_modules())
+    for fp in files:
+        for name, t in iter_safetensors(fp):
+            name = _normalise_name(name)
+            if name not in expected:
+                continue
+            mod_name, _, leaf = name.rpartition(".")
+            t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            modules[mod_name]._parameters[leaf] = nn.Parameter(t, requires_grad=t.is_floating_point())
+            del t
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def save_pretrained(model: Qwen2_5_VL, path: str, max_shard_bytes: int = 5 * 2**30, state_dict=None):
+    """Write config.json and safetensors in the hub layout (`visual.*`, `model.*`, `lm_head.weight`
+    unless tied), sharded with an index above `max_shard_bytes`. Writes into a temporary folder
+    first and renames it into place, so a crash never leaves a half-written checkpoint at `path`."""
+    from safetensors.torch import save_file
+
+    sd = state_dict if state_dict is not None else model.state_dict()
+    if model.cfg.tie_word_embeddings:
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    tmp = path.rstrip("/") + ".tmp"
+    if os.path.exists(tmp):
+        import shutil
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(model.cfg.to_dict(), f, indent=2)
+    shards, cur, size = [], {}, 0
+    for name in sorted(sd):
+        t = sd[name].detach().contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = t
+        size += nbytes
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in shard})
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    replace_dir(tmp, path)
+
+
+def replace_dir(src: str, dst: str):
+    """Move folder `src` to `dst`, replacing an old `dst` only after `src` is complete."""
+    import shutil
+    if os.path.exists(dst):
+        old = dst.rstrip("/") + ".old"
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old)
+    else:
+        os.rename(src, dst)
+
+
+Qwen2_5_VL.from_pretrained = staticmethod(from_pretrained)
+Qwen2_5_VL.save_pretrained = save_pretrained
