@@ -17,6 +17,12 @@ a fused kernel. An `attn_ctl` object passed to `forward` is the one hook the met
     attn_ctl.key_scale(layer) -> (B, Tk) multiplier on each key's logits, or None   (intervention)
     attn_ctl.observe(layer, q, k, allowed, key_scale) -> None                           (statistics)
 
+`observe` sees the rotated queries (B, H, Tq, d), the GQA-expanded keys (B, H, Tk, d) (with a KV
+cache: the whole cache), the boolean mask (B, 1, Tq, Tk) and the key scale actually used. It is
+called at the end of each decoder layer; under activation checkpointing the layer is replayed in
+backward and the call repeats, so a controller records the first call per layer and ignores the
+replay (the replay must still run its computation so that autograd finds its saved tensors).
+
 Generation (`generate`) left-pads a batch of prompts into a pre-allocated KV cache, runs the vision
 tower once per prompt, and decodes greedily or by temperature / top-p sampling until a stop token.
 """
@@ -407,10 +413,8 @@ class Attention(nn.Module):
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
         key_scale = attn_ctl.key_scale(self.layer_idx) if attn_ctl is not None else None
-        if attn_ctl is not None:
-            attn_ctl.observe(self.layer_idx, q, k, allowed, key_scale)
         out = attend(q, k, v, allowed, self.head_dim ** -0.5, impl, key_scale, is_causal and key_scale is None)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), (q, k, key_scale)
 
 
 class DecoderLayer(nn.Module):
@@ -422,8 +426,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, allowed, impl, cache=None, attn_ctl=None, is_causal=False):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, allowed, impl, cache, attn_ctl, is_causal)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, (q, k, key_scale) = self.self_attn(self.input_layernorm(x), cos, sin, allowed, impl, cache, attn_ctl, is_causal)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        if attn_ctl is not None:
+            # Statistics last: when activation checkpointing replays this layer in backward, the
+            # replay repeats this call (the controller records only the first one per layer).
+            attn_ctl.observe(self.self_attn.layer_idx, q, k, allowed, key_scale)
+        return x
 
 
 class TextModel(nn.Module):
