@@ -679,6 +679,21 @@ def sample_next(logits, temperature: float, top_p: float, gen, vocab_limit=None)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+def init_weights(model: Qwen2_5_VL, std: float = 0.02, seed: int = 0) -> Qwen2_5_VL:
+    """Fresh weights for training from scratch: normal(0, std) matrices and embeddings, zero
+    biases, unit norm weights (the initialisation of the reference)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
 # --------------------------------------------------------------------------------------------
 # Loading and saving Hugging Face checkpoints
 # --------------------------------------------------------------------------------------------
