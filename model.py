@@ -496,11 +496,13 @@ def rope_index(input_ids, image_grid_thw, attention_mask, cfg: Config):
 
 
 class KVCache:
-    """Pre-allocated keys/values (layers, B, KV, S, d), written in place at [seen, seen + T).
+    """Pre-allocated keys/values (layers, B, KV, S, d), written in place at [pos, pos + T).
 
     Every row shares one write position: prompts are left-padded so they end together; padding
     and not-yet-written slots are excluded through `key_valid` (B, S). `rope_delta` (B,) is set by
-    the prefill so that decoding continues at position (cache index + rope_delta).
+    the prefill so that decoding continues at position (cache index + rope_delta). The write
+    position `pos` is a tensor, so a decode step reads no changing Python number and compiles
+    once (`seen` reads it as a plain int, for callers outside the hot loop).
     """
 
     def __init__(self, cfg: Config, batch: int, max_len: int, dtype, device):
@@ -509,13 +511,19 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.rope_delta = torch.zeros(batch, dtype=torch.long, device=device)
-        self.seen = 0
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.k_idx = torch.arange(max_len, device=device)
+        self.write_idx = None  # (T,) cache slots of the current call, set by the model
+        self.prefilled = False
         self.max_len = max_len
 
+    @property
+    def seen(self) -> int:
+        return int(self.pos)
+
     def update(self, layer: int, k, v):
-        T = k.shape[2]
-        self.k[layer, :, :, self.seen:self.seen + T] = k
-        self.v[layer, :, :, self.seen:self.seen + T] = v
+        self.k[layer].index_copy_(2, self.write_idx, k)
+        self.v[layer].index_copy_(2, self.write_idx, v)
         return self.k[layer], self.v[layer]
 
 
@@ -541,14 +549,15 @@ class Qwen2_5_VL(nn.Module):
         self.gradient_checkpointing = on
         self.visual.gradient_checkpointing = on
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
-        """Token embeddings with image features scattered, in image order, into <|image_pad|> slots."""
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, check: bool = True):
+        """Token embeddings with image features scattered, in image order, into <|image_pad|> slots.
+        (`check=False` skips counting the slots of an image-free call: decode steps, no host sync.)"""
         x = self.model.embed_tokens(input_ids)
-        n_slots = int((input_ids == self.cfg.image_token_id).sum())
         if pixel_values is None:
-            if n_slots:
-                raise ValueError(f"input_ids hold {n_slots} <|image_pad|> tokens but no pixel_values were given")
+            if check and bool((input_ids == self.cfg.image_token_id).any()):
+                raise ValueError("input_ids hold <|image_pad|> tokens but no pixel_values were given")
             return x
+        n_slots = int((input_ids == self.cfg.image_token_id).sum())
         feats = self.visual(pixel_values, image_grid_thw)  # (N/4, D)
         if feats.shape[0] != n_slots:
             raise ValueError(f"{feats.shape[0]} image features for {n_slots} <|image_pad|> tokens")
@@ -566,32 +575,34 @@ class Qwen2_5_VL(nn.Module):
         cfg = self.cfg
         B, T = input_ids.shape
         dev = input_ids.device
-        x = self.embed(input_ids, pixel_values, image_grid_thw)
+        decoding = cache is not None and cache.prefilled
+        x = self.embed(input_ids, pixel_values, image_grid_thw, check=not decoding)
+        all_valid = attention_mask is None  # known without looking at the mask (no host sync)
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=dev)
         attention_mask = attention_mask.bool()
 
-        start = cache.seen if cache is not None else 0
-        if start == 0:
+        steps = torch.arange(T, device=dev)
+        q_idx = steps if cache is None else cache.pos + steps  # absolute (cache) index of each query
+        if not decoding:
             position_ids, rope_delta = rope_index(input_ids, image_grid_thw, attention_mask, cfg)
             if cache is not None:
-                cache.rope_delta = rope_delta
+                cache.rope_delta, cache.prefilled = rope_delta, True
         else:  # decoding: cache index + rope_delta on all three axes
-            idx = torch.arange(start, start + T, device=dev)
-            position_ids = (idx[None, :] + cache.rope_delta[:, None]).expand(3, B, T)
+            position_ids = (q_idx[None, :] + cache.rope_delta[:, None]).expand(3, B, T)
         cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, x.dtype)
 
         # allowed[b, 0, i, j]: query i may see key j (causal by absolute index, key not padding).
         # The diagonal is always allowed, so a padding query row never has zero keys (no NaN).
-        q_idx = torch.arange(start, start + T, device=dev)
         if cache is not None:
-            cache.key_valid[:, start:start + T] = attention_mask
-            key_valid, k_idx = cache.key_valid, torch.arange(cache.max_len, device=dev)
+            cache.write_idx = q_idx
+            cache.key_valid.index_copy_(1, q_idx, attention_mask)
+            key_valid, k_idx = cache.key_valid, cache.k_idx
         else:
             key_valid, k_idx = attention_mask, q_idx
         allowed = (k_idx[None, :] <= q_idx[:, None])[None] & key_valid[:, None, :]
         allowed = (allowed | (k_idx[None, :] == q_idx[:, None])[None])[:, None]  # (B, 1, T, Tk)
-        is_causal = cache is None and bool(attention_mask.all())
+        is_causal = cache is None and (all_valid or bool(attention_mask.all()))
 
         for layer in self.model.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -601,7 +612,7 @@ class Qwen2_5_VL(nn.Module):
                 x = layer(x, cos, sin, allowed, self.attn_impl, cache, attn_ctl, is_causal)
         x = self.model.norm(x)
         if cache is not None:
-            cache.seen += T
+            cache.pos += T
         return x if return_hidden else self.lm_head(x)
 
     # ---------------------------------------------------------------------------- generation
@@ -610,7 +621,7 @@ class Qwen2_5_VL(nn.Module):
     def generate(self, prompts, pixel_values=None, image_grid_thw=None, *, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  stop_ids=None, pad_id: int | None = None, vocab_limit: int | None = None,
-                 attn_ctl_factory=None):
+                 attn_ctl_factory=None, compile: bool = False):
         """Decode a batch of prompts with a pre-allocated KV cache.
 
         prompts: list of 1-D LongTensors (ragged; each may contain <|image_pad|> runs).
@@ -622,8 +633,10 @@ class Qwen2_5_VL(nn.Module):
             default <|im_end|> and <|endoftext|> (eos and bos ids of the config). pad_id: default
             <|endoftext|>, used for left padding and after each row's end.
         vocab_limit: ids >= this (Qwen pads its embedding matrix past the tokenizer) are never drawn.
-        attn_ctl_factory(key_roles_len) -> attn_ctl, for the intervention during generation:
-            called with the cache length, it must return a controller whose key_scale covers it.
+        attn_ctl_factory(cache_len, ids (B, L), mask (B, L)) -> attn_ctl, for the intervention during
+            generation: called with the cache length and the left-padded prompts, it must return a
+            controller whose key_scale covers all cache_len keys.
+        compile: run the one-token decode step through torch.compile (worth it on a GPU).
         Returns (tokens (B, max_new_tokens) padded with pad_id after each row's end, lengths (B,)).
         """
         dev = self.lm_head.weight.device
@@ -644,10 +657,13 @@ class Qwen2_5_VL(nn.Module):
         if temperature > 0:
             gen = torch.Generator(device=dev)
             gen.manual_seed(seed if seed is not None else torch.seed())
-        stops = torch.tensor(list(stop_ids), device=dev)
+        stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
         out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
         lengths = torch.zeros(B, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
+        # Asking "are all rows done?" waits for the device; on a GPU ask every 16 steps only.
+        check_every = 1 if dev.type == "cpu" else 16
+        decode = self.decode_step if ctl is not None or not compile else self._compiled_decode_step()
 
         logits = self(ids, mask, pixel_values, image_grid_thw, cache=cache, attn_ctl=ctl)[:, -1]
         for step in range(max_new_tokens):
@@ -656,10 +672,20 @@ class Qwen2_5_VL(nn.Module):
             out[:, step] = tok
             lengths += (~done).long()
             done |= torch.isin(tok, stops)
-            if step + 1 == max_new_tokens or bool(done.all()):
+            if step + 1 == max_new_tokens or ((step + 1) % check_every == 0 and bool(done.all())):
                 break
-            logits = self(tok[:, None], None, cache=cache, attn_ctl=ctl)[:, -1]
+            logits = decode(tok[:, None], cache, ctl)
         return out, lengths
+
+    def decode_step(self, tok, cache: KVCache, attn_ctl=None):
+        """One token per row (B, 1) through the cache -> next-token logits (B, V). No host sync and
+        no changing Python state, so it compiles to one graph."""
+        return self(tok, None, cache=cache, attn_ctl=attn_ctl)[:, -1]
+
+    def _compiled_decode_step(self):
+        if getattr(self, "_decode_compiled", None) is None:
+            self._decode_compiled = torch.compile(self.decode_step, fullgraph=True, dynamic=False)
+        return self._decode_compiled
 
 
 def sample_next(logits, temperature: float, top_p: float, gen, vocab_limit=None):
