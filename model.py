@@ -343,7 +343,9 @@ class VisionTower(nn.Module):
         self.patch_embed = PatchEmbed(vc)
         self.blocks = nn.ModuleList([VisionBlock(vc) for _ in range(vc.depth)])
         self.merger = PatchMerger(vc)
-        self.batched_attention = False  # True: one padded kernel call per block instead of one per window
+        # True: one padded kernel call per block instead of one call per window; None: batched on
+        # GPUs (hundreds of tiny kernel launches otherwise), the loop elsewhere (bitwise reference).
+        self.batched_attention = None
         self.gradient_checkpointing = False
 
     def forward(self, pixel_values, grid_thw):
@@ -361,12 +363,13 @@ class VisionTower(nn.Module):
         x = x.view(n // unit, unit, -1)[window_index].reshape(n, -1)
         rot = rot.view(n // unit, unit, -1)[window_index].reshape(n, -1)
         cos, sin = rot.cos(), rot.sin()
+        batched = x.is_cuda if self.batched_attention is None else self.batched_attention
         for i, blk in enumerate(self.blocks):
             cu = cu_full if i in vc.fullatt_block_indexes else cu_window
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, cos, sin, cu, self.batched_attention, use_reentrant=False)
+                x = checkpoint(blk, x, cos, sin, cu, batched, use_reentrant=False)
             else:
-                x = blk(x, cos, sin, cu, self.batched_attention)
+                x = blk(x, cos, sin, cu, batched)
         x = self.merger(x)  # (N/4, D)
         return x[torch.argsort(window_index)]  # back to raster order
 
@@ -602,7 +605,9 @@ class Qwen2_5_VL(nn.Module):
             key_valid, k_idx = attention_mask, q_idx
         allowed = (k_idx[None, :] <= q_idx[:, None])[None] & key_valid[:, None, :]
         allowed = (allowed | (k_idx[None, :] == q_idx[:, None])[None])[:, None]  # (B, 1, T, Tk)
-        is_causal = cache is None and (all_valid or bool(attention_mask.all()))
+        # Without a cache, a batch that is unpadded or right-padded needs only the causal mask for
+        # its real tokens (padding keys come after them): SDPA can then use its flash kernels.
+        is_causal = cache is None and (all_valid or bool((attention_mask == (steps < attention_mask.sum(-1, keepdim=True))).all()))
 
         for layer in self.model.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
