@@ -577,3 +577,503 @@ def build_prompt(record: dict) -> str:
 
 
 # ---- evaluation loop ----
+#
+# Batched generation over benchmark records, one predictions jsonl per (benchmark, setting):
+#
+#   evaluate_benchmark(model, tok, proc, records, out_path, setting=Setting(), ...) -> summary row
+#   evaluate(model, tok, proc, bench_paths, out_dir, settings, ...)  -> rows; writes summary.md/.json
+#   correlate(paths) -> {"r", "p", "n", "files"}: Pearson r between mean VAS and accuracy
+#
+# Run:
+#   python evaluate.py --model DIR --bench MathVista_MINI.tsv geo.jsonl --out results/
+#   python evaluate.py --model DIR --bench MathVista_MINI.tsv --out sweep/ --a-img 0.15 --a-sys 0 0.05 0.4
+#   python evaluate.py --correlate ckpt1/predictions/X__base.jsonl ckpt2/predictions/X__base.jsonl
+#
+# Predictions file out/predictions/<benchmark>__<setting>.jsonl, one line per question:
+#   {"id", "benchmark", "setting": {a_img, a_sys, layers}, "config": {max_new_tokens, temperature,
+#    top_p, seed, min_pixels, max_pixels, vas, vas_layers}, "answer" (gold), "answer_type", "response",
+#    "extracted", "correct", "stopped" (ended on a stop token rather than at max_new_tokens),
+#    "new_tokens", "prompt_tokens", "vas", "vas_per_layer" (VAS of each layer in "vas_layers")}
+# VAS is null for a prompt it does not count (no image or no system turn).
+# Lines are appended and flushed batch by batch. A rerun with the same arguments skips the ids
+# already in the file; the half-written last line a crash may leave is cut off and redone. A file
+# written with another setting or config is refused rather than mixed.
+#
+# Bands of the paper (VAS): "narrow" < 10 <= "wide" <= 15 < "panoramic".
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import os  # noqa: E402
+
+import torch  # noqa: E402
+
+from data import PAD_ROLE, ImageProcessor, Tokenizer, encode_chat  # noqa: E402
+from model import from_pretrained  # noqa: E402
+from vas import Intervention, measure_vas, parse_layers  # noqa: E402
+from vas import vas as vas_of_stats  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """The training-free intervention (method section 3): logits to image keys times (1 + a_img),
+    to system keys times (1 - a_sys), in `layers` (None: all). a_img = a_sys = 0 is the model as is."""
+    a_img: float = 0.0
+    a_sys: float = 0.0
+    layers: tuple[int, ...] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.a_img != 0 or self.a_sys != 0
+
+    @property
+    def tag(self) -> str:
+        """File-name tag: "base", or e.g. "aimg0.15_asys0.05" (+ "_L0-1-2" for chosen layers)."""
+        if not self.active:
+            return "base"
+        tag = f"aimg{self.a_img:g}_asys{self.a_sys:g}"
+        return tag + ("_L" + "-".join(map(str, self.layers)) if self.layers is not None else "")
+
+    def to_dict(self) -> dict:
+        return {"a_img": self.a_img, "a_sys": self.a_sys,
+                "layers": list(self.layers) if self.layers is not None else None}
+
+
+def vas_band(vas: float | None) -> str:
+    if vas is None or not math.isfinite(vas):
+        return "-"
+    return "narrow" if vas < 10 else "wide" if vas <= 15 else "panoramic"
+
+
+# ---- prompts ----
+
+def encode_record(tok: Tokenizer, proc: ImageProcessor, record: dict) -> dict:
+    """One question in the training format: default system turn, then a user turn holding the
+    record's images followed by build_prompt(record), then the assistant header.
+    Returns input_ids (T,), roles (T,), pixel_values (N, 1176) or None, image_grid_thw (n, 3) or None."""
+    images = load_images(record)
+    names = [f"{record.get('benchmark')}: id {record['id']}: image {i}" for i in range(len(images))]
+    pixel_values, grid = proc(images, names) if images else (None, None)
+    n_tokens = [int(g.prod()) // proc.merge ** 2 for g in grid] if grid is not None else []
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": build_prompt(record)}]
+    enc = encode_chat(tok, [{"role": "user", "content": content}], n_tokens, add_generation_prompt=True)
+    return {"input_ids": enc["input_ids"], "roles": enc["roles"], "pixel_values": pixel_values,
+            "image_grid_thw": grid}
+
+
+def _concat_images(encs: list[dict]):
+    pv = [e["pixel_values"] for e in encs if e["pixel_values"] is not None]
+    grids = [e["image_grid_thw"] for e in encs if e["image_grid_thw"] is not None]
+    return (torch.cat(pv), torch.cat(grids)) if pv else (None, None)
+
+
+# ---- VAS and the intervention (vas.py) ----
+
+def _ctl_factory(encs: list[dict], setting: Setting):
+    """attn_ctl_factory for model.generate: the intervention over the left-padded prompt keys (roles
+    from encode_chat) and the generated keys (RESPONSE)."""
+    return Intervention.for_generation([e["roles"] for e in encs], setting.a_img, setting.a_sys, setting.layers)
+
+
+def _nan_to_none(x: float):
+    return None if x != x else float(x)
+
+
+def _measure_vas(model, encs: list[dict], setting: Setting, layers=None) -> list[tuple]:
+    """(VAS, per-layer VAS list, layer ids) of each prompt, by vas.measure_vas in one no-grad
+    forward over the right-padded batch, user-turn queries (Q = U + V), under the same intervention as
+    generation. (None, None, None) for a prompt that VAS does not count (no image or no system turn)."""
+    dev = next(model.parameters()).device
+    B, T = len(encs), max(len(e["input_ids"]) for e in encs)
+    ids = torch.zeros(B, T, dtype=torch.long)  # the pad id is never read: attention_mask is 0 there
+    mask = torch.zeros(B, T, dtype=torch.long)
+    roles = torch.full((B, T), PAD_ROLE, dtype=torch.long)
+    for b, e in enumerate(encs):
+        n = len(e["input_ids"])
+        ids[b, :n], roles[b, :n], mask[b, :n] = e["input_ids"], e["roles"], 1
+    pv, grids = _concat_images(encs)
+    batch = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "roles": roles.to(dev),
+             "pixel_values": pv.to(dev) if pv is not None else None,
+             "image_grid_thw": grids.to(dev) if grids is not None else None}
+    interv = Intervention(batch["roles"], setting.a_img, setting.a_sys, setting.layers) if setting.active else None
+    res = measure_vas(model, batch, "user", layers, interv)
+    # per sample and layer: VAS restricted to one recorded layer (vas.vas on the same masses)
+    per_layer = torch.stack([vas_of_stats(res.stats, layers=[l]).per_sample for l in res.layers], 1)  # (B, L)
+    out = []
+    for b in range(B):
+        if not bool(res.counted[b]):
+            out.append((None, None, None))
+        else:
+            out.append((_nan_to_none(float(res.per_sample[b])), [_nan_to_none(float(v)) for v in per_layer[b]],
+                        list(res.layers)))
+    return out
+
+
+# ---- the predictions file ----
+
+def read_predictions(path: str | Path, repair: bool = False) -> list[dict]:
+    """The records of a predictions jsonl. A last line that is cut short (no newline, or not valid
+    JSON: a crash during the write) is ignored, and with `repair` removed from the file so that
+    appending can continue. A bad line anywhere else raises ValueError naming file and line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    good_end, preds = 0, []  # byte offset just after the last good line
+    offset = 0
+    for n, line in enumerate(lines, 1):
+        last = n == len(lines) or (n == len(lines) - 1 and lines[-1] == b"")
+        end = offset + len(line) + (1 if n < len(lines) else 0)
+        if line.strip():
+            try:
+                obj = json.loads(line.decode("utf-8"))
+                if not isinstance(obj, dict) or "id" not in obj:
+                    raise ValueError("not a prediction record")
+                if n == len(lines):  # complete JSON but no newline: the write may have stopped there
+                    raise ValueError("no newline")
+            except (ValueError, UnicodeDecodeError) as e:
+                if not last:
+                    raise ValueError(f"{path}: line {n}: bad prediction record ({e})") from None
+                break
+            preds.append(obj)
+        good_end = end
+        offset = end
+    if repair and good_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return preds
+
+
+def _check_same_run(path, pred: dict, setting: dict, config: dict) -> None:
+    for key, want in (("setting", setting), ("config", config)):
+        if pred.get(key) != want:
+            raise ValueError(f"{path}: id {pred.get('id')!r} was made with {key} {pred.get(key)}, this run "
+                             f"uses {want}: choose another output folder (or delete the file)")
+
+
+# ---- the evaluation loop ----
+
+def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: list[dict], out_path: str | Path, *,
+                       setting: Setting = Setting(), batch_size: int = 8, max_new_tokens: int = 512,
+                       temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, vas: bool = True,
+                       vas_layers=None, progress: bool = True, on_batch=None, compile: bool = False) -> dict:
+    """Answer `records` (one benchmark) with `model` and grade them; returns the summary row.
+
+    Predictions go to `out_path` (a jsonl, appended batch by batch; ids already there are skipped).
+    Each batch: encode the prompts, generate (KV cache, intervention `setting` in every decode step),
+    grade, and measure VAS on the prompts (user-turn queries, the same intervention) unless `vas` is
+    False. Sampling (temperature > 0) draws from seed + the batch's first record index, so a resumed
+    run repeats the batches it had not finished. on_batch(preds) is called after each batch is written.
+    """
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    gen_kw = {"compile": True} if compile else {}  # model.generate's compiled decode step (GPU)
+    config = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+              "min_pixels": proc.min_pixels, "max_pixels": proc.max_pixels, "vas": vas,
+              "vas_layers": sorted(int(l) for l in vas_layers) if vas_layers is not None else None}
+    ids = [r["id"] for r in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{out_path}: the records repeat ids")
+    done = {}
+    for p in read_predictions(out_path, repair=True):
+        _check_same_run(out_path, p, setting.to_dict(), config)
+        done[p["id"]] = p
+    todo = [(i, r) for i, r in enumerate(records) if r["id"] not in done]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        name = records[0].get("benchmark", out_path.stem) if records else out_path.stem
+        bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"{name} [{setting.tag}]",
+                   unit="q", dynamic_ncols=True)
+    stop_ids = list(tok.stop_ids)
+    with open(out_path, "a", encoding="utf-8") as f:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            encs = [encode_record(tok, proc, r) for _, r in chunk]
+            pixel_values, grids = _concat_images(encs)
+            dev = next(model.parameters()).device
+            if pixel_values is not None:
+                pixel_values, grids = pixel_values.to(dev), grids.to(dev)
+            tokens, lengths = model.generate(
+                [e["input_ids"] for e in encs], pixel_values, grids, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, seed=seed + chunk[0][0], stop_ids=stop_ids,
+                pad_id=tok.pad_id, vocab_limit=tok.vocab_size,
+                attn_ctl_factory=_ctl_factory(encs, setting) if setting.active else None, **gen_kw)
+            tokens, lengths = tokens.cpu(), lengths.cpu()
+            vas_values = _measure_vas(model, encs, setting, vas_layers) if vas else [(None, None, None)] * len(encs)
+            preds = []
+            for (_, rec), enc, row, n, (v, v_layers, v_ids) in zip(chunk, encs, tokens, lengths.tolist(), vas_values):
+                out = row[:n].tolist()
+                response = tok.decode(out, skip_special_tokens=True)
+                extracted = extract_answer(response)
+                preds.append({
+                    "id": rec["id"], "benchmark": rec.get("benchmark"), "setting": setting.to_dict(),
+                    "config": config, "answer": rec["answer"], "answer_type": rec.get("answer_type"),
+                    "response": response, "extracted": extracted,
+                    "correct": grade(extracted, rec["answer"], rec.get("options"), rec.get("answer_type")),
+                    "stopped": bool(out) and out[-1] in stop_ids, "new_tokens": n,
+                    "prompt_tokens": len(enc["input_ids"]), "vas": v,
+                    "vas_per_layer": v_layers, "vas_layers": v_ids})
+            # one write per batch, then flush: a crash leaves whole batches plus at most a cut line
+            f.write("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
+            f.flush()
+            os.fsync(f.fileno())
+            done.update((p["id"], p) for p in preds)
+            if bar is not None:
+                bar.update(len(preds))
+            if on_batch is not None:
+                on_batch(preds)
+    if bar is not None:
+        bar.close()
+    row = summarize([done[i] for i in ids])
+    row.update(benchmark=records[0].get("benchmark") if records else out_path.stem, setting=setting.tag,
+               predictions=str(out_path))
+    return row
+
+
+def summarize(preds: list[dict]) -> dict:
+    """n, accuracy (%), mean VAS (over the predictions that have one) and its band."""
+    n = len(preds)
+    vas = [p["vas"] for p in preds if p.get("vas") is not None]
+    mean_vas = sum(vas) / len(vas) if vas else None
+    return {"n": n, "accuracy": 100.0 * sum(bool(p.get("correct")) for p in preds) / n if n else None,
+            "mean_vas": mean_vas, "band": vas_band(mean_vas),
+            "no_answer": sum(p.get("extracted") is None for p in preds)}
+
+
+def evaluate(model, tok: Tokenizer, proc: ImageProcessor, benchmarks, out_dir: str | Path,
+             settings=(Setting(),), limit: int | None = None, **kw) -> list[dict]:
+    """Every benchmark under every intervention setting (a sweep: one predictions file each); writes
+    out_dir/summary.md and out_dir/summary.json and returns the rows. `kw` goes to evaluate_benchmark.
+    benchmarks: file paths, or record lists already read by read_benchmark. All files are read (and
+    so checked) before the first generation."""
+    out_dir = Path(out_dir)
+    benches = []
+    for bench in benchmarks:
+        records = bench if isinstance(bench, list) else read_benchmark(bench)
+        if not records:
+            raise ValueError("an empty benchmark")
+        name = records[0]["benchmark"]
+        if name in [b[0] for b in benches]:
+            raise ValueError(f"{bench if not isinstance(bench, list) else name}: a second benchmark named "
+                             f"{name!r} (predictions files are named by the file stem)")
+        benches.append((name, records[:limit] if limit is not None else records))
+    rows = []
+    for setting in settings:
+        for name, records in benches:
+            rows.append(evaluate_benchmark(model, tok, proc, records,
+                                           out_dir / "predictions" / f"{name}__{setting.tag}.jsonl",
+                                           setting=setting, **kw))
+            rows[-1]["setting_detail"] = setting.to_dict()
+            write_summary(rows, out_dir)  # after each file, so an interrupted sweep keeps its table
+    return rows
+
+
+def _fmt(x, digits=2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Markdown table, one row per (benchmark, setting); with several benchmarks, a "mean" row per
+    setting (unweighted mean over benchmarks, as the paper's "avg" column)."""
+    lines = ["| benchmark | setting | n | accuracy | mean VAS | band |", "|---|---|---|---|---|---|"]
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    for s in settings:
+        group = [r for r in rows if r["setting"] == s]
+        for r in group:
+            lines.append(f"| {r['benchmark']} | {s} | {r['n']} | {_fmt(r['accuracy'])} | {_fmt(r['mean_vas'])} | {r['band']} |")
+        if len(group) > 1:
+            acc = [r["accuracy"] for r in group if r["accuracy"] is not None]
+            vas = [r["mean_vas"] for r in group if r["mean_vas"] is not None]
+            mean_vas = sum(vas) / len(vas) if len(vas) == len(group) else None
+            lines.append(f"| mean | {s} | {sum(r['n'] for r in group)} | "
+                         f"{_fmt(sum(acc) / len(acc) if len(acc) == len(group) else None)} | "
+                         f"{_fmt(mean_vas)} | {vas_band(mean_vas)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(rows: list[dict], out_dir: str | Path, config: dict | None = None) -> str:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = summary_table(rows)
+    (out_dir / "summary.md").write_text(table, encoding="utf-8")
+    summary = {"rows": rows}
+    if config is not None:
+        summary["config"] = config
+    elif (out_dir / "summary.json").exists():  # keep the run's config written by main()
+        try:
+            summary["config"] = json.loads((out_dir / "summary.json").read_text()).get("config")
+        except (ValueError, OSError):
+            pass
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return table
+
+
+# ---- VAS against accuracy ----
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) by its continued fraction (modified Lentz; Numerical
+    Recipes 6.4), using the symmetry I_x(a, b) = 1 - I_{1-x}(b, a) where the fraction converges slowly."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1.0) / (a + b + 2.0):
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * f
+
+
+def pearson(x, y) -> dict:
+    """Pearson r = sum (x - mx)(y - my) / sqrt(sum (x - mx)^2 sum (y - my)^2), and the two-sided
+    p-value of H0: r = 0 from t = r sqrt((n - 2) / (1 - r^2)) with n - 2 degrees of freedom:
+    p = I_{df / (df + t^2)}(df / 2, 1 / 2). r is None when n < 2 or one side is constant; p is None
+    when n < 3."""
+    import numpy as np
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"pearson: x and y must be 1-D of one length, got {x.shape} and {y.shape}")
+    n = len(x)
+    if n < 2:
+        return {"r": None, "p": None, "n": n}
+    dx, dy = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float((dx * dx).sum()) * float((dy * dy).sum()))
+    if denom == 0.0:
+        return {"r": None, "p": None, "n": n}
+    r = max(-1.0, min(1.0, float((dx * dy).sum()) / denom))
+    return {"r": r, "p": pearson_p(r, n), "n": n}
+
+
+def pearson_p(r: float, n: int) -> float | None:
+    """Two-sided p-value of a Pearson r from n pairs (Student t, n - 2 degrees of freedom)."""
+    if n < 3:
+        return None
+    if abs(r) >= 1.0:
+        return 0.0
+    df = n - 2
+    t2 = r * r * df / (1.0 - r * r)
+    return _betainc(df / 2.0, 0.5, df / (df + t2))
+
+
+def correlate(paths) -> dict:
+    """Accuracy and mean VAS of each predictions file (e.g. one per checkpoint), and Pearson r (with p)
+    between them across the files. A file with no VAS is listed but left out of r."""
+    files = []
+    for path in paths:
+        preds = read_predictions(path)
+        if not preds:
+            raise ValueError(f"{path}: no predictions")
+        row = summarize(preds)
+        row["file"] = str(path)
+        files.append(row)
+    used = [f for f in files if f["mean_vas"] is not None]
+    result = pearson([f["mean_vas"] for f in used], [f["accuracy"] for f in used])
+    result["files"] = files
+    return result
+
+
+def correlation_table(result: dict) -> str:
+    lines = ["| file | n | accuracy | mean VAS | band |", "|---|---|---|---|---|"]
+    for f in result["files"]:
+        lines.append(f"| {f['file']} | {f['n']} | {_fmt(f['accuracy'])} | {_fmt(f['mean_vas'])} | {f['band']} |")
+    r, p = result["r"], result["p"]
+    lines.append("")
+    lines.append(f"Pearson r (mean VAS vs accuracy) = {_fmt(r, 4)}, p = {'-' if p is None else f'{p:.3g}'}, "
+                 f"n = {result['n']} files")
+    return "\n".join(lines) + "\n"
+
+
+# ---- command line ----
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Evaluate a Qwen2.5-VL checkpoint on benchmarks (accuracy, VAS, "
+                                             "intervention sweeps), or correlate VAS with accuracy.")
+    ap.add_argument("--model", help="model folder (config.json, safetensors, tokenizer.json)")
+    ap.add_argument("--bench", nargs="+", default=[], help="benchmark files: VLMEvalKit .tsv or .jsonl")
+    ap.add_argument("--out", help="output folder: predictions/, summary.md, summary.json")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-pixels", type=int, default=None, help="image processor max_pixels (default: the model's)")
+    ap.add_argument("--min-pixels", type=int, default=None)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N questions of each benchmark")
+    ap.add_argument("--a-img", type=float, nargs="+", default=[0.0], help="intervention: image-key logit gain(s)")
+    ap.add_argument("--a-sys", type=float, nargs="+", default=[0.0], help="intervention: system-key logit cut(s)")
+    ap.add_argument("--intervention-layers", nargs="+", default=None,
+                    help="layers the intervention acts in, e.g. 0-7 or 0 3 5 (default: all)")
+    ap.add_argument("--vas-layers", nargs="+", default=None, help="layers averaged in VAS, e.g. 0-7 (default: all)")
+    ap.add_argument("--no-vas", action="store_true", help="skip the VAS forward pass")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: bfloat16 on GPU, float32 on CPU")
+    ap.add_argument("--correlate", nargs="+", default=None, metavar="PREDICTIONS_JSONL",
+                    help="instead of evaluating: Pearson r between mean VAS and accuracy across these files")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (worth it on a GPU)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.correlate is None:
+        missing = [f"--{k}" for k in ("model", "bench", "out") if not getattr(args, k)]
+        if missing:
+            ap.error(f"evaluation needs {' '.join(missing)} (or use --correlate)")
+    if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
+        ap.error("--batch-size, --max-new-tokens and --limit must be positive")
+    if not 0.0 < args.top_p <= 1.0 or args.temperature < 0:
+        ap.error("--top-p must be in (0, 1] and --temperature >= 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.correlate is not None:
+        result = correlate(args.correlate)
+        print(correlation_table(result), end="")
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "correlation.json").write_text(json.dumps(result, indent=2) + "\n")
+            (Path(args.out) / "correlation.md").write_text(correlation_table(result))
+        return result
+
+    config = vars(args).copy()
+    print("config:", json.dumps(config))
+    benchmarks = [read_benchmark(path) for path in args.bench]  # bad input fails before the model loads
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
+    model = from_pretrained(args.model, dtype=dtype, device=args.device).eval()
+    tok = Tokenizer(args.model)
+    proc = ImageProcessor.from_pretrained(args.model, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
+    n_layers = model.cfg.num_hidden_layers
+    layers = parse_layers(args.intervention_layers, n_layers)
+    layers = tuple(layers) if layers is not None else None
+    vas_layers = parse_layers(args.vas_layers, n_layers)
+    settings = list(dict.fromkeys(Setting(a, s, layers if (a or s) else None)
+                                  for a in args.a_img for s in args.a_sys))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_summary([], out, config=config)
+    rows = evaluate(model, tok, proc, benchmarks, out, settings, limit=args.limit, batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    seed=args.seed, vas=not args.no_vas, vas_layers=vas_layers,
+                    progress=not args.no_progress, compile=args.compile)
+    table = write_summary(rows, out, config=config)
+    print(table, end="")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""The evaluation loop of evaluate.py on a tiny random checkpoint: records, resume, batching, sweeps,
+summaries, grading with controlled responses, and Pearson r against hand-computed values."""
+
+import base64
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate as E
+from data import ImageProcessor, Tokenizer, make_byte_tokenizer
+from model import from_pretrained
+
+MAX_NEW = 6
+FIELDS = {"id", "benchmark", "setting", "config", "answer", "answer_type", "response", "extracted", "correct",
+          "stopped", "new_tokens", "prompt_tokens", "vas", "vas_per_layer", "vas_layers"}
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+def png(color, size=(12, 9)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tsv(path: Path) -> Path:
+    b = lambda c, size=(12, 9): base64.b64encode(png(c, size)).decode()  # noqa: E731
+    rows = [("1", "Which colour is shown?", "red", "blue", "", "A", b((255, 0, 0))),
+            ("2", "How many squares?", "", "", "", "3", b((0, 255, 0), (30, 20))),
+            ("3", "Is it dark?", "", "", "", "no", b((250, 250, 250))),
+            ("4", "Pick the shape.", "circle", "square", "star", "C", b((0, 0, 255), (40, 40))),
+            ("5", "What is x?", "", "", "", "2.5", b((9, 9, 9)))]
+    lines = ["index\tquestion\tA\tB\tC\tanswer\timage"] + ["\t".join(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_jsonl(path: Path) -> Path:
+    (path.parent / "img").mkdir(exist_ok=True)
+    objs = []
+    for i, (color, answer) in enumerate([((200, 10, 10), "B"), ((10, 200, 10), "7"), ((10, 10, 200), "yes")]):
+        Image.new("RGB", (20 + 8 * i, 16), color).save(path.parent / "img" / f"{i}.png")
+        objs.append({"id": f"q{i}", "images": [f"img/{i}.png"], "question": f"Question {i}?", "answer": answer,
+                     **({"options": ["one", "two"]} if answer == "B" else {})})
+    path.write_text("".join(json.dumps(o) + "\n" for o in objs))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: on a shared 2-core machine a second intra-op thread costs far more in waiting
+    than it gains (seen: 30x slower under load). Restored after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dir(hf_untied, tmp_path_factory):
+    """The tiny random transformers checkpoint plus the byte tokenizer: a complete model folder."""
+    d = tmp_path_factory.mktemp("evalmodel")
+    shutil.copytree(hf_untied[1], d, dirs_exist_ok=True)
+    make_byte_tokenizer(str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def parts(model_dir):
+    model = from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return model, Tokenizer(str(model_dir)), ImageProcessor.from_pretrained(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def benches(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    return write_tsv(d / "Tiny_MINI.tsv"), write_jsonl(d / "tiny_geo.jsonl")
+
+
+def lines(path):
+    return [json.loads(x) for x in Path(path).read_text().splitlines()]
+
+
+def count_prompts(monkeypatch, model):
+    """Wrap model.generate to record how many prompts each call got."""
+    calls, real = [], model.generate
+
+    def wrapped(prompts, *a, **kw):
+        calls.append(len(prompts))
+        return real(prompts, *a, **kw)
+
+    monkeypatch.setattr(model, "generate", wrapped)
+    return calls
+
+
+def run(parts, records, path, **kw):
+    model, tok, proc = parts
+    kw.setdefault("max_new_tokens", MAX_NEW)
+    return E.evaluate_benchmark(model, tok, proc, records, path, progress=False, **kw)
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+def test_cli_end_to_end_records_and_summary(model_dir, benches, tmp_path):
+    tsv, jsonl = benches
+    out = tmp_path / "out"
+    E.main(["--model", str(model_dir), "--bench", str(tsv), str(jsonl), "--out", str(out), "--batch-size", "2",
+            "--max-new-tokens", str(MAX_NEW), "--no-progress", "--a-img", "0", "0.15", "--a-sys", "0"])
+    for path in (tsv, jsonl):
+        bench, questions = path.stem, E.read_benchmark(path)
+        for tag, a_img in (("base", 0.0), ("aimg0.15_asys0", 0.15)):
+            recs = lines(out / "predictions" / f"{bench}__{tag}.jsonl")
+            assert [r["id"] for r in recs] == [q["id"] for q in questions]
+            for r, q in zip(recs, questions):
+                assert set(r) == FIELDS
+                assert r["benchmark"] == bench and r["setting"] == {"a_img": a_img, "a_sys": 0.0, "layers": None}
+                assert r["config"]["max_new_tokens"] == MAX_NEW and r["config"]["temperature"] == 0.0
+                assert isinstance(r["response"], str) and isinstance(r["correct"], bool)
+                assert 1 <= r["new_tokens"] <= MAX_NEW and r["prompt_tokens"] > 100
+                assert isinstance(r["vas"], float) and math.isfinite(r["vas"]) and r["vas"] > 0
+                assert r["vas_layers"] == [0, 1, 2] and len(r["vas_per_layer"]) == 3
+                # the record's VAS is the mean of its layers' VAS (equal head and query counts per layer)
+                assert r["vas"] == pytest.approx(sum(r["vas_per_layer"]) / 3, rel=1e-5)
+                assert r["extracted"] == E.extract_answer(r["response"])
+                assert r["correct"] == E.grade(r["extracted"], q["answer"], q["options"], q["answer_type"])
+
+    # summary.md parses as a markdown table: header, separator, 2 benchmarks x 2 settings + 2 mean rows
+    md = (out / "summary.md").read_text().strip().splitlines()
+    cells = [[c.strip() for c in row.strip().strip("|").split("|")] for row in md]
+    assert all(row.startswith("|") and row.endswith("|") for row in md)
+    assert cells[0] == ["benchmark", "setting", "n", "accuracy", "mean VAS", "band"]
+    assert all(set(c) <= set("-") for c in cells[1])
+    body = cells[2:]
+    assert len(body) == 6 and all(len(c) == 6 for c in body)
+    assert [(c[0], c[1]) for c in body] == [("Tiny_MINI", "base"), ("tiny_geo", "base"), ("mean", "base"),
+                                            ("Tiny_MINI", "aimg0.15_asys0"), ("tiny_geo", "aimg0.15_asys0"),
+                                            ("mean", "aimg0.15_asys0")]
+    assert [int(c[2]) for c in body] == [5, 3, 8, 5, 3, 8]
+    for c in body:
+        assert 0 <= float(c[3]) <= 100 and float(c[4]) > 0 and c[5] in ("narrow", "wide", "panoramic")
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["max_new_tokens"] == MAX_NEW and len(summary["rows"]) == 4
+    for row in summary["rows"]:  # the rows agree with the predictions files
+        recs = lines(row["predictions"])
+        assert row["n"] == len(recs)
+        assert row["accuracy"] == pytest.approx(100 * sum(r["correct"] for r in recs) / len(recs))
+        assert row["mean_vas"] == pytest.approx(sum(r["vas"] for r in recs) / len(recs))
+
+
+def test_resume_after_interrupt_and_cut_line(parts, benches, tmp_path, monkeypatch):
+    records = E.read_benchmark(benches[0])  # 5 questions
+    ref = tmp_path / "ref.jsonl"
+    run(parts, records, ref, batch_size=2)
+    want = lines(ref)
+
+    class Stop(Exception):
+        pass
+
+    def stop(preds):
+        raise Stop
+
+    path = tmp_path / "run.jsonl"
+    with pytest.raises(Stop):
+        run(parts, records, path, batch_size=2, on_batch=stop)
+    assert [r["id"] for r in lines(path)] == ["1", "2"]  # the first batch was written before the stop
+    calls = count_prompts(monkeypatch, parts[0])
+    run(parts, records, path, batch_size=2)
+    assert calls == [2, 1]  # only ids 3, 4, 5 were generated
+    assert lines(path) == want  # same batches as the uninterrupted run: identical records
+
+    # a crash in the middle of writing line 4: the cut line is dropped and only ids 4, 5 are redone
+    text = path.read_text()
+    cut = text.index('"id": "4"') + 20
+    path.write_text(text[:cut])
+    calls.clear()
+    run(parts, records, path, batch_size=2)
+    assert calls == [2]
+    got = lines(path)
+    assert [r["id"] for r in got] == ["1", "2", "3", "4", "5"]
+    assert got[:3] == want[:3]
+    for g, w in zip(got[3:], want[3:]):  # new batch composition: same greedy text, VAS to round-off
+        assert g["response"] == w["response"] and g["vas"] == pytest.approx(w["vas"], rel=1e-4)
+
+    # nothing left: no generation at all; another config on the same file is refused
+    calls.clear()
+    row = run(parts, records, path, batch_size=2)
+    assert calls == [] and row["n"] == 5
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        run(parts, records, path, batch_size=2, max_new_tokens=MAX_NEW + 1)
+
+
+def test_read_predictions_tolerates_only_a_cut_last_line(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "resp')
+    assert [r["id"] for r in E.read_predictions(p)] == ["a", "b"]
+    assert p.read_text().endswith('"resp')  # reading alone does not change the file
+    assert [r["id"] for r in E.read_predictions(p, repair=True)] == ["a", "b"]
+    assert p.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+    p.write_text('{"id": "a"}\n{"id": "b"\n{"id": "c"}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        E.read_predictions(p)
+
+
+def test_batch_size_does_not_change_greedy_responses(parts, benches, tmp_path):
+    records = E.read_benchmark(benches[0]) + E.read_benchmark(benches[1])
+    one, four = tmp_path / "b1.jsonl", tmp_path / "b4.jsonl"
+    run(parts, records, one, batch_size=1, max_new_tokens=10)
+    run(parts, records, four, batch_size=4, max_new_tokens=10)
+    a, b = lines(one), lines(four)
+    assert [r["response"] for r in a] == [r["response"] for r in b]
+    assert [r["new_tokens"] for r in a] == [r["new_tokens"] for r in b]
+    assert [r["vas"] for r in a] == pytest.approx([r["vas"] for r in b], rel=1e-4)
+
+
+def test_sweep_rows_per_setting(parts, benches, tmp_path, monkeypatch):
+    model, tok, proc = parts
+    factories = []
+    real = model.generate
+
+    def spy(prompts, *a, attn_ctl_factory=None, **kw):
+        factories.append(attn_ctl_factory)
+        return real(prompts, *a, attn_ctl_factory=attn_ctl_factory, **kw)
+
+    monkeypatch.setattr(model, "generate", spy)
+    settings = [E.Setting(), E.Setting(0.15, 0.0), E.Setting(0.15, 0.4), E.Setting(0.15, 0.05, (0, 1))]
+    rows = E.evaluate(model, tok, proc, [benches[1]], tmp_path, settings, batch_size=3, max_new_tokens=3,
+                      progress=False)
+    assert [r["setting"] for r in rows] == ["base", "aimg0.15_asys0", "aimg0.15_asys0.4", "aimg0.15_asys0.05_L0-1"]
+    assert [f is None for f in factories] == [True, False, False, False]  # the intervention reaches generate
+    for s, r in zip(settings, rows):
+        recs = lines(tmp_path / "predictions" / f"tiny_geo__{s.tag}.jsonl")
+        assert r["n"] == 3 and all(x["setting"] == s.to_dict() for x in recs)
+        assert r["mean_vas"] == pytest.approx(sum(x["vas"] for x in recs) / 3)
+    vas = [r["mean_vas"] for r in rows]
+    assert len(set(vas)) == 4  # each setting measured under its own intervention
+    md = (tmp_path / "summary.md").read_text().splitlines()
+    assert len(md) == 2 + 4 and json.loads((tmp_path / "summary.json").read_text())["rows"] == rows
+
+
+# ------------------------------------------------------------------------------------ grading
+
+RESPONSES = {  # question -> (response the fake model gives, correct?)
+    "Which colour is shown?": ("<think>It is red.</think><answer>A</answer>", True),
+    "How many squares?": ("<think>count</think><answer>5</answer>", False),
+    "Is it dark?": ("", False),  # empty: only the stop token
+    "Pick the shape.": ("<answer>", False),  # malformed
+    "What is x?": ("so the answer is 5/2", True),
+}
+
+
+def test_grading_with_controlled_responses(parts, benches, tmp_path, monkeypatch):
+    model, tok, proc = parts
+
+    def fake_generate(prompts, pixel_values=None, image_grid_thw=None, *, max_new_tokens, pad_id, **kw):
+        assert kw["vocab_limit"] == tok.vocab_size and kw["temperature"] == 0.0
+        out = torch.full((len(prompts), max_new_tokens), pad_id)
+        lengths = torch.zeros(len(prompts), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            text = tok.decode(p)
+            (response,) = [r for q, (r, _) in RESPONSES.items() if q in text]
+            ids = (tok.encode(response) + [tok.im_end_id])[:max_new_tokens]
+            out[b, :len(ids)] = torch.tensor(ids)
+            lengths[b] = len(ids)
+        return out, lengths
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    records = E.read_benchmark(benches[0])
+    path = tmp_path / "graded.jsonl"
+    row = run(parts, records, path, batch_size=2, max_new_tokens=64, vas=False)
+    recs = lines(path)
+    want = [RESPONSES[r["question"]] for r in records]
+    assert [r["response"] for r in recs] == [w[0] for w in want]
+    assert [r["correct"] for r in recs] == [w[1] for w in want]
+    assert [r["extracted"] for r in recs] == ["A", "5", None, None, "5/2"]
+    assert all(r["stopped"] for r in recs) and recs[2]["new_tokens"] == 1
+    assert all(r["vas"] is None for r in recs)
+    assert row["accuracy"] == pytest.approx(40.0) and row["n"] == 5 and row["no_answer"] == 2
+    assert row["mean_vas"] is None and row["band"] == "-"
+
+
+def test_bad_benchmark_stops_before_generation(parts, tmp_path, monkeypatch):
+    model, tok, proc = parts
+    calls = count_prompts(monkeypatch, model)
+    bad = tmp_path / "Bad.tsv"
+    good = base64.b64encode(png((1, 2, 3))).decode()
+    bad.write_text("index\tquestion\tanswer\timage\n1\tq\t1\t" + good + "\n2\tq\t2\tnot-base64!!\n")
+    with pytest.raises(ValueError, match=r"Bad.tsv: row 2"):
+        E.evaluate(model, tok, proc, [bad], tmp_path / "out", progress=False)
+    assert calls == []
+
+
+# ------------------------------------------------------------------------------------ Pearson r
+
+def test_pearson_hand_computed():
+    # x = 1..4, y = 2, 4, 5, 9: sum dx dy = 11, sum dx^2 = 5, sum dy^2 = 26 -> r = 11 / sqrt(130)
+    res = E.pearson([1, 2, 3, 4], [2, 4, 5, 9])
+    assert res["n"] == 4 and res["r"] == pytest.approx(11 / math.sqrt(130), abs=1e-12)
+    # with 2 degrees of freedom the t distribution gives p = 1 - |r| exactly
+    assert res["p"] == pytest.approx(1 - 11 / math.sqrt(130), abs=1e-12)
+    # 1 degree of freedom (Cauchy): p = 1 - (2 / pi) atan(|t|), t = r sqrt(1 / (1 - r^2))
+    r = 0.8
+    assert E.pearson_p(r, 3) == pytest.approx(1 - 2 / math.pi * math.atan(r / math.sqrt(1 - r * r)), abs=1e-12)
+    # the t table: two-sided 5% critical value at 10 degrees of freedom is 2.228139
+    t = 2.228139
+    assert E.pearson_p(t / math.sqrt(t * t + 10), 12) == pytest.approx(0.05, abs=1e-6)
+    # the paper: r = 0.9616 over 10 models gives p = 9.0e-6
+    assert E.pearson_p(0.9616, 10) == pytest.approx(9.0e-6, rel=0.02)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=20)
+    y = 0.5 * x + rng.normal(size=20)
+    assert E.pearson(x, y)["r"] == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
+    assert E.pearson([1, 2, 3], [5, 5, 5])["r"] is None and E.pearson([1], [2])["r"] is None
+    assert E.pearson([1, 2, 3], [3, 2, 1]) == {"r": -1.0, "p": 0.0, "n": 3}
+
+
+def test_correlate_cli(tmp_path, capsys):
+    # three "checkpoints": accuracy 25/50/100 %, mean VAS 7.5/10/20
+    specs = [([1, 0, 0, 0], [7, 8, 7, 8]), ([1, 1, 0, 0], [9, 11, 9, 11]), ([1, 1, 1, 1], [20, 19, 21, 20])]
+    paths = []
+    for i, (correct, vas) in enumerate(specs):
+        p = tmp_path / f"ckpt{i}.jsonl"
+        p.write_text("".join(json.dumps({"id": str(j), "correct": bool(c), "vas": v, "extracted": "x"}) + "\n"
+                             for j, (c, v) in enumerate(zip(correct, vas))))
+        paths.append(str(p))
+    res = E.main(["--correlate", *paths, "--out", str(tmp_path / "corr")])
+    acc, mv = [25.0, 50.0, 100.0], [7.5, 10.0, 20.0]
+    assert [f["accuracy"] for f in res["files"]] == acc and [f["mean_vas"] for f in res["files"]] == mv
+    assert res["r"] == pytest.approx(np.corrcoef(mv, acc)[0, 1], abs=1e-12) and res["n"] == 3
+    assert "Pearson r" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "corr" / "correlation.json").read_text())
+    assert saved["r"] == pytest.approx(res["r"])
+
+
+def test_sampling_is_reproducible_from_the_seed(parts, benches, tmp_path):
+    records = E.read_benchmark(benches[1])
+    kw = dict(batch_size=2, temperature=1.0, top_p=0.9, vas=False, max_new_tokens=8)
+    run(parts, records, tmp_path / "a.jsonl", seed=3, **kw)
+    run(parts, records, tmp_path / "b.jsonl", seed=3, **kw)
+    run(parts, records, tmp_path / "c.jsonl", seed=4, **kw)
+    a, b, c = ([r["response"] for r in lines(tmp_path / f"{x}.jsonl")] for x in "abc")
+    assert a == b and a != c
