@@ -771,6 +771,15 @@ def iter_safetensors(path: str):
             yield name, t
 
 
+def resolve_checkpoint(path: str) -> str:
+    """A model folder, or a training run's folder whose `latest` file names its newest checkpoint."""
+    latest = os.path.join(path, "latest")
+    if not os.path.exists(os.path.join(path, "config.json")) and os.path.isfile(latest):
+        with open(latest) as f:
+            return os.path.join(path, f.read().strip())
+    return path
+
+
 def checkpoint_files(path: str):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -784,12 +793,14 @@ def checkpoint_files(path: str):
 
 
 def from_pretrained(path: str, dtype=torch.bfloat16, device="cpu") -> Qwen2_5_VL:
-    """Build the model from a Hugging Face folder (config.json + safetensors, single or sharded).
+    """Build the model from a Hugging Face folder (config.json + safetensors, single or sharded),
+    or from a training run's folder (its `latest` checkpoint).
 
     The module tree is created on the meta device (no memory), then each tensor is read from disk,
     cast to `dtype` if it differs, moved to `device` and put in place: host memory peaks near one
     copy of the checkpoint. Missing, unexpected and mis-shaped names are an error that lists them.
     """
+    path = resolve_checkpoint(path)
     cfg = Config.from_json(os.path.join(path, "config.json"))
     files = checkpoint_files(path)
     names = {}
