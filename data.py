@@ -1372,6 +1372,8 @@ def synthesize(in_path, out_path, teacher, reason_teacher=None, anchor_teacher=N
     def rel_images(rec, paths):
         return [p if os.path.isabs(orig) else os.path.relpath(p, out_dir) for orig, p in zip(rec["images"], paths)]
 
+    from evaluate import build_prompt
+
     def work(rec, paths):
         question = format_question(rec["question"], rec.get("options"))
         try:
@@ -1388,7 +1390,11 @@ def synthesize(in_path, out_path, teacher, reason_teacher=None, anchor_teacher=N
             status, question, value = result
             rid = str(rec["id"])
             if status == "done":
-                out.write(json.dumps({"id": rec["id"], "images": rel_images(rec, paths), "question": question,
+                # the record's user turn is the prompt evaluate.py builds for the same problem, so
+                # training and evaluation see one format (the teacher saw the bare question)
+                prompt = build_prompt({"question": rec["question"], "options": rec.get("options"),
+                                       "answer_type": rec.get("answer_type")})
+                out.write(json.dumps({"id": rec["id"], "images": rel_images(rec, paths), "question": prompt,
                                       "response": value, "answer": str(rec["answer"])}, ensure_ascii=False) + "\n")
                 out.flush()
             elif status == "filtered":

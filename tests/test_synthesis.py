@@ -447,7 +447,9 @@ def test_synthesis_against_a_flaky_server(api, tmp_path):
         assert m and "Looking back at the triangle" in m.group(1)
         assert extract_answer(r["response"]) == r["answer"] == GOLD[r["id"]]
     mc = next(r for r in recs if r["id"] == "okmc")
-    assert mc["question"] == "Problem okmc: which value?\nA. 3\nB. 4\nC. 5\nAnswer with the option letter."
+    from evaluate import build_prompt
+    assert mc["question"] == build_prompt({"question": "Problem okmc: which value?", "options": ["3", "4", "5"],
+                                           "answer_type": "multi_choice"})
     filtered = {r["id"]: r for r in _read_jsonl(str(out) + ".filtered")}
     assert set(filtered) == {"rwrong", "rwrong3"}
     assert "stage 2" in filtered["rwrong"]["reason"] and filtered["rwrong"]["pred"] == "999"
@@ -572,3 +574,20 @@ def test_local_teacher_runs_the_projects_generation(tmp_path):
     assert isinstance(a, str) and a == b  # greedy: deterministic
     n = teacher.model.cfg.vocab_size
     assert n == 272 and teacher.tok.vocab_size == 270
+
+
+def test_synthesized_records_train_with_train_sft(api, tmp_path):
+    """The whole pipeline: raw problems -> the flaky local server -> cold-start records -> SFT steps."""
+    import train_sft
+
+    raw = _write_raw(tmp_path, list(GOLD))
+    out = tmp_path / "out" / "cold_start.jsonl"
+    assert sd.synthesize(raw, out, _teacher(api))["done"] == 7
+    sd.make_toy_model(str(tmp_path / "model"))
+    run = tmp_path / "run"
+    train_sft.main(["--data", str(out), "--model", str(tmp_path / "model"), "--out", str(run), "--max-steps", "2",
+                    "--batch-size", "4", "--micro-batch", "2", "--lr", "1e-3", "--num-workers", "0",
+                    "--save-every", "0", "--min-pixels", "3136", "--max-pixels", "12544"])
+    metrics = _read_jsonl(run / "metrics.jsonl")
+    assert len(metrics) == 2 and all(m["n_tokens"] > 0 for m in metrics)
+    assert (run / "latest").read_text().strip() == "step_2"
