@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import hashlib
 import http.client
 import io
@@ -253,9 +254,9 @@ def encode_chat(tok: Tokenizer, messages: list[dict], image_tokens: list[int] | 
             j += 1
         span_ids, offsets = tok.encode_with_offsets(text)
         for tid, off in zip(span_ids, offsets):
-            k = max(n for n in range(len(starts)) if starts[n] <= off)
-            while k > 0 and starts[k] == starts[k - 1]:  # skip empty pieces
-                k -= 1
+            # the last piece starting at or before the token (never an empty piece: a later piece
+            # with the same start would come after it)
+            k = bisect.bisect_right(starts, off) - 1
             ids.append(tid); roles.append(pieces[i + k][1]); trained.append(pieces[i + k][2])
         i = j
     input_ids = torch.tensor(ids, dtype=torch.long)
