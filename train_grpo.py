@@ -273,3 +273,863 @@ def aggregate(per_token, mask, mode="token_mean", total_tokens=None, num_seqs=No
 
 
 # ---- rollout and training loop ----
+#
+# One step, for `--prompts-per-step` prompts shared out over the processes (each prompt and its G
+# samples stay on one process, so a group never spans processes):
+#
+#   1. rollout    G samples per prompt with model.generate (KV cache; temperature, top-p; a seed made
+#                 from (seed, step, rank); ids >= tokenizer size never drawn). Under FSDP the
+#                 parameters are gathered once for the whole decode, so that processes whose
+#                 samples stop at different lengths issue no per-token collectives.
+#   2. rewards    r_acc = grade(extract_answer(text)), r_format = format_ok(text) (evaluate.py, the
+#                 graders of the evaluation); r_visual = vas.visual_reward over the response rows of
+#                 prompt + completion, computed for correct answers only; r = total_reward(...).
+#   3. advantages group_advantages over the rewards of the whole step (all-gathered, so "batch"
+#                 scaling and the zero-spread fraction are global).
+#   4. update     --ppo-epochs optimizer steps on the rollout batch, each accumulating gradients over
+#                 micro-batches; policy_loss against the log-probs of the policy that sampled
+#                 (+ kl_coef * k3 to the frozen initial policy), aggregated with the step's global
+#                 token / sequence counts.
+#
+# The sequence layout of every forward after the rollout (prompt left-padded, completion
+# right-padded, so every completion starts at column Lp):
+#
+#       | pad pad p p p p | c c c c pad |      row 0
+#       | p p p p p p p p | c c pad pad |      row 1
+#         <---- Lp -----> <---- Lc --->
+#
+# The model computes M-RoPE positions over the non-padding tokens of each row, so completion token
+# t sits at (last prompt position + 1 + t): what generate gave it (cache index + rope_delta). The
+# logits of columns Lp-1 .. Lp+Lc-2 predict the completion; masks come from the sampler's lengths.
+#
+# Multi-process design: train_sft.py's (torchrun, RANK/WORLD_SIZE, gloo on CPU, FSDP2 units per
+# vision block and decoder layer, bf16 compute with float32 master weights, atomic step_N
+# checkpoints with a `latest` pointer, metrics.jsonl, NaN stop). Under FSDP every process must run
+# the same number of forwards and backwards: where processes hold different numbers of
+# micro-batches (correct answers for r_visual, --drop-zero-spread), the short ones run zero-weight
+# dummy micro-batches.
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+
+import evaluate  # noqa: E402
+from data import (PAD_ROLE, RESPONSE, DataError, ImageProcessor, Tokenizer, encode_chat, epoch_batches,  # noqa: E402
+                  normalize_record)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="GRPO of Qwen2.5-VL with AVAR's visual-anchored reward shaping (arXiv 2603.03825, 4c)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # data
+    p.add_argument("--data", default="toy/rl.jsonl",
+                   help="jsonl of prompts with gold answers: {images, question, answer, options?, answer_type?}")
+    p.add_argument("--model", default="runs/sft",
+                   help="initial policy: a Hugging Face folder, or a run folder whose `latest` names one (train_sft.py's --out)")
+    p.add_argument("--out", default="runs/grpo", help="checkpoints, metrics.jsonl, run_config.json")
+    p.add_argument("--max-prompt-len", type=int, default=2048,
+                   help="prompts longer than this (image tokens included) are dropped and counted (released config: 2048)")
+    p.add_argument("--skip-bad", action="store_true", help="drop invalid records (counted) instead of stopping")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="image resize bound; default: the model folder's preprocessor_config.json (as evaluate.py)")
+    p.add_argument("--min-pixels", type=int, default=None, help="default: the model folder's preprocessor_config.json")
+    # rollouts
+    p.add_argument("--prompts-per-step", type=int, default=32,
+                   help="prompts per rollout batch, all processes together (each sampled --group-size times)")
+    p.add_argument("--group-size", type=int, default=8, help="samples per prompt, G (paper: 8, released config: 5)")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="longest completion (released config: 2048; toy responses are < 200 tokens)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0); the training "
+                   "forward divides its logits by the same value")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1.0: the full distribution)")
+    p.add_argument("--gen-batch", type=int, default=0,
+                   help="sequences per generate call on one process (0: all of its prompts x G at once)")
+    # rewards
+    p.add_argument("--lambda-v", type=float, default=0.3, help="weight of r_visual (AVAR 4c); 0 disables it (no attention pass)")
+    p.add_argument("--lambda-f", type=float, default=0.1, help="weight of r_format; 0 disables it")
+    p.add_argument("--vas-layers", default="0-7", help="layers of r_visual, e.g. 0-7 or 0,2,4 (released config: 0-7)")
+    p.add_argument("--vas-eps", type=float, default=1e-6, help="eps in the denominator of r_visual")
+    # advantages and loss
+    p.add_argument("--adv-scale", default="group", choices=["group", "batch", "none"],
+                   help="divide centred rewards by the group's std, the batch's std, or nothing (Dr. GRPO)")
+    p.add_argument("--adv-eps", type=float, default=1e-6, help="eps of the advantage denominator (EasyR1; TRL: 1e-4)")
+    p.add_argument("--drop-zero-spread", action="store_true",
+                   help="leave groups whose rewards are all equal (zero advantage) out of the update and its counts")
+    p.add_argument("--ppo-epochs", type=int, default=1,
+                   help="optimizer steps per rollout batch; with 1 the ratio is exactly 1 and the clip never fires")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per training forward on one process")
+    p.add_argument("--clip-low", type=float, default=0.2, help="ratio clip 1 - eps_low (all implementations: 0.2)")
+    p.add_argument("--clip-high", type=float, default=0.3,
+                   help="ratio clip 1 + eps_high (released AVAR config / EasyR1: 0.3; DAPO 0.28; TRL 0.2)")
+    p.add_argument("--dual-clip", type=float, default=3.0,
+                   help="dual-clip constant c for negative advantages (EasyR1: 3); 0 disables")
+    p.add_argument("--kl-coef", type=float, default=0.0,
+                   help="beta of the k3 KL to the frozen initial policy (paper: 0, released config: 1e-2); "
+                        "0 loads no reference model")
+    p.add_argument("--loss-agg", default="token_mean", choices=["token_mean", "seq_mean", "dr_grpo"],
+                   help="token_mean: / response tokens of the step; seq_mean: mean of per-sequence means; "
+                        "dr_grpo: / (sequences x --max-new-tokens)")
+    p.add_argument("--logp-chunk", type=int, default=512, help="positions per float32 log-softmax chunk")
+    # optimisation
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the prompts")
+    p.add_argument("--max-steps", type=int, default=0, help="rollout steps; > 0 overrides --epochs")
+    p.add_argument("--lr", type=float, default=1e-6, help="learning rate (paper and released config: 1e-6)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decay on matrices (EasyR1: 1e-2)")
+    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, then a constant lr (EasyR1)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
+    p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
+    # system
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="compute dtype; auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 even in one process (always on with several)")
+    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of decoder layers and vision blocks")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="data order and the rollout seeds (seed, step, rank)")
+    # checkpoints
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end); 0: end only")
+    p.add_argument("--keep-last", type=int, default=0, help="keep only the last N checkpoints (0: all)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue a run: bare --resume reads OUT/latest; or a step_N folder")
+    p.add_argument("--checksum", action="store_true",
+                   help="log a checksum of the full weights as every process sees them (param_checksums)")
+    return p
+
+
+RANK = 0
+
+
+def print0(*a, **k):
+    if RANK == 0:
+        print(*a, **k, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# data: prompts with gold answers
+# ---------------------------------------------------------------------------------------------
+
+def _question_of(rec):
+    """The text of a normalised record's first user turn (its image parts are counted, not kept)."""
+    for m in rec.messages:
+        if m["role"] == "user":
+            return "".join(p["text"] for p in m["content"] if p["type"] == "text").strip()
+    raise ValueError("no user turn")
+
+
+class PromptDataset:
+    """RL records: images (or none), a question, the gold answer; options and answer_type optional.
+
+    Lines are read by data.normalize_record, the SFT reader (flat form {"image(s)", "question" or
+    "problem", "answer"}, also the chat forms with a top-level "answer"), so paths and errors follow
+    SFT. Each record becomes an evaluate.py record, and `dataset[i]` is evaluate.encode_record of it:
+    the default system turn, the images, then evaluate.build_prompt(record) (question, "A. ..."
+    option lines, the answer instruction), then the assistant header. Train and eval prompts are so
+    the same by construction. Prompts longer than max_prompt_len tokens are dropped and counted.
+    """
+
+    def __init__(self, path, tok, improc, max_prompt_len=None, skip_bad=False, max_errors=20):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: data file does not exist")
+        self.path, self.tok, self.improc = path, tok, improc
+        self.records, self.lengths, errors = [], [], []
+        self.stats = {"lines": 0, "kept": 0, "bad": 0, "too_long": 0, "with_images": 0, "text_only": 0}
+        base = os.path.dirname(os.path.abspath(path))
+        sizes = {}
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                self.stats["lines"] += 1
+                where = f"{path}:{lineno}"
+                try:
+                    obj = json.loads(line)
+                    rec = normalize_record(obj, base, where)
+                    answer = obj.get("answer")
+                    if not isinstance(answer, (str, int, float)) or str(answer).strip() == "":
+                        raise ValueError("no gold `answer`")
+                    options = obj.get("options") or []
+                    if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+                        raise ValueError("`options` must be a list of strings")
+                    answer_type = obj.get("answer_type")
+                    if answer_type is not None and answer_type not in evaluate.ANSWER_TYPES:
+                        raise ValueError(f"answer_type {answer_type!r} not in {evaluate.ANSWER_TYPES}")
+                    record = dict(id=str(obj.get("id", where)), images=[Path(p) for p in rec.images],
+                                  question=_question_of(rec), options=options, answer=str(answer).strip(),
+                                  answer_type=answer_type or ("multi_choice" if options else None),
+                                  benchmark=Path(path).stem)
+                    n_img = [self._image_tokens(str(p), sizes) for p in record["images"]]
+                    content = [{"type": "image"} for _ in n_img] + [{"type": "text", "text": evaluate.build_prompt(record)}]
+                    length = len(encode_chat(tok, [{"role": "user", "content": content}], n_img,
+                                             add_generation_prompt=True)["input_ids"])
+                except (ValueError, OSError) as e:
+                    self.stats["bad"] += 1
+                    errors.append(f"{where}: {e}")
+                    continue
+                if max_prompt_len and length > max_prompt_len:
+                    self.stats["too_long"] += 1
+                    continue
+                self.records.append(record)
+                self.lengths.append(length)
+        self.errors = errors
+        self.stats["kept"] = len(self.records)
+        self.stats["with_images"] = sum(bool(r["images"]) for r in self.records)
+        self.stats["text_only"] = len(self.records) - self.stats["with_images"]
+        if errors and not skip_bad:
+            more = f"\n  ... and {len(errors) - max_errors} more" if len(errors) > max_errors else ""
+            raise DataError(f"{path}: {len(errors)} invalid record(s) (--skip-bad drops them):\n  "
+                            + "\n  ".join(errors[:max_errors]) + more)
+        if not self.records:
+            raise DataError(f"{path}: no usable records ({self.stats})")
+
+    def _image_tokens(self, path, cache):
+        if path not in cache:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: image file does not exist")
+            from PIL import Image
+            try:
+                with Image.open(path) as im:  # the header only: the size gives the token count
+                    cache[path] = self.improc.num_tokens(im, path)
+            except (OSError, SyntaxError) as e:
+                raise ValueError(f"{path}: cannot read image header ({e})") from e
+        return cache[path]
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        """Record i encoded for generation: input_ids, roles (T,), pixel_values, image_grid_thw, record."""
+        enc = evaluate.encode_record(self.tok, self.improc, self.records[i])
+        enc["record"] = self.records[i]
+        return enc
+
+    def summary(self):
+        s = self.stats
+        return (f"{self.path}: {s['kept']} prompts ({s['with_images']} with images, {s['text_only']} text-only)"
+                f" of {s['lines']}; dropped {s['bad']} invalid, {s['too_long']} too long;"
+                f" prompt tokens mean {sum(self.lengths) / len(self.lengths):.0f}, max {max(self.lengths)}")
+
+
+def resolve_model_dir(path):
+    """A Hugging Face folder as is; a run folder (train_sft.py's --out) through its `latest` file
+    (model.resolve_checkpoint), resolved once so that the reference model of a resumed run is
+    still the initial policy."""
+    from model import resolve_checkpoint
+    d = resolve_checkpoint(path)
+    if not os.path.exists(os.path.join(d, "config.json")):
+        raise FileNotFoundError(f"--model {path}: neither a model folder (config.json) nor a run folder with `latest`"
+                                " (train SFT first: python train_sft.py; or pass --model toy/model)")
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# rollouts
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    """N = prompts x G sampled sequences of one process; a prompt's samples are consecutive."""
+    prompts: list  # N 1-D LongTensors (shared between a prompt's samples)
+    roles: list  # N 1-D role tensors of the prompts
+    pixel_values: list  # N tensors (n_i, 1176) or None
+    image_grid_thw: list  # N tensors (k_i, 3) or None
+    records: list  # N evaluate.py records (gold answers)
+    completions: torch.Tensor  # (N, max_new_tokens) sampled ids, pad after each row's end
+    lengths: torch.Tensor  # (N,) completion lengths, the stop token included
+    group_ids: torch.Tensor  # (N,) one exact id per prompt
+    texts: list  # N decoded completions (special tokens dropped)
+    stopped: torch.Tensor  # (N,) bool: ended on a stop token (not cut at max_new_tokens)
+    cut: torch.Tensor  # (N,) bool: cut before a sampled <|image_pad|> (see generate_rollouts)
+
+
+def rollout_seed(seed, step, rank):
+    """A 63-bit sampling seed from (seed, step, rank): distinct for every process and step, and
+    the same when a resumed run redoes a step."""
+    h = hashlib.sha256(f"grpo/{seed}/{step}/{rank}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & (2 ** 63 - 1)
+
+
+def _cat_images(pvs, grids, device):
+    pv = [x for x in pvs if x is not None]
+    gr = [g for g in grids if g is not None]
+    if not pv:
+        return None, None
+    return torch.cat(pv).to(device), torch.cat(gr).to(device)
+
+
+def _model_device(model):
+    return next(model.parameters()).device
+
+
+def generate_rollouts(model, tok, encs, group_ids, G, *, max_new_tokens, temperature, top_p, seed,
+                      gen_batch=0):
+    """Sample G completions of every encoded prompt in `encs` (dataset items); no grad.
+
+    group_ids: one id per prompt (its G samples share it). gen_batch: sequences per generate call
+    (0: all). Chunk c is sampled with seed + c. Returns a Rollout (tensors on the CPU).
+    """
+    dev = _model_device(model)
+    prompts, roles, pvs, grids, records, gids = [], [], [], [], [], []
+    for enc, gid in zip(encs, group_ids):
+        for _ in range(G):
+            prompts.append(enc["input_ids"])
+            roles.append(enc["roles"])
+            pvs.append(enc["pixel_values"])
+            grids.append(enc["image_grid_thw"])
+            records.append(enc["record"])
+            gids.append(int(gid))
+    N = len(prompts)
+    size = gen_batch if gen_batch > 0 else N
+    toks, lens = [], []
+    for c, s in enumerate(range(0, N, size)):
+        pv, grid = _cat_images(pvs[s:s + size], grids[s:s + size], dev)
+        t, n = model.generate(prompts[s:s + size], pv, grid, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, seed=(seed + c) % 2 ** 63, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+                              vocab_limit=tok.vocab_size)
+        toks.append(t.cpu())
+        lens.append(n.cpu())
+    completions, lengths = torch.cat(toks), torch.cat(lens)
+    # A sampled <|image_pad|> cannot be fed back: the training forward would take it for an image
+    # slot (generate's decode steps embed it as a plain token). The completion is cut before it:
+    # the prefix is still a sample of the policy; the token and what follows are not trained on.
+    pos = torch.arange(completions.shape[1])[None, :]
+    bad = (completions == model.cfg.image_token_id) & (pos < lengths[:, None])
+    cut = bad.any(1)
+    if cut.any():
+        first = torch.where(bad, pos, completions.shape[1]).min(1).values
+        lengths = torch.where(cut, first, lengths)
+        completions = torch.where(pos < lengths[:, None], completions, torch.full_like(completions, tok.pad_id))
+    stops = torch.tensor(list(tok.stop_ids))
+    last = completions.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+    stopped = (lengths > 0) & torch.isin(last, stops)
+    texts = [tok.decode(completions[i, :int(lengths[i])].tolist(), skip_special_tokens=True) for i in range(N)]
+    return Rollout(prompts, roles, pvs, grids, records, completions, lengths,
+                   torch.tensor(gids, dtype=torch.long), texts, stopped, cut)
+
+
+def pack_sequences(ro, idx, pad_id, device):
+    """The training layout (see the top of this section) of rollout rows `idx`.
+
+    Returns input_ids, attention_mask (bool), roles (PAD_ROLE on padding, RESPONSE on the
+    completion) of shape (B, Lp + Lc); targets (B, Lc) the sampled ids; mask (B, Lc) from the
+    sampler's lengths; Lp, Lc; the images of the rows; lengths (B,).
+    """
+    lengths = ro.lengths[idx]  # (B,)
+    B = len(idx)
+    Lp = max(len(ro.prompts[i]) for i in idx)
+    Lc = max(1, int(lengths.max()))
+    input_ids = torch.full((B, Lp + Lc), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, Lp + Lc, dtype=torch.bool)
+    roles = torch.full((B, Lp + Lc), PAD_ROLE, dtype=torch.long)
+    for b, i in enumerate(idx):
+        p, n = ro.prompts[i], int(lengths[b])
+        input_ids[b, Lp - len(p):Lp] = p  # prompt: left padding
+        roles[b, Lp - len(p):Lp] = ro.roles[i]
+        attention_mask[b, Lp - len(p):Lp + n] = True
+        input_ids[b, Lp:Lp + n] = ro.completions[i, :n]  # completion: right padding
+        roles[b, Lp:Lp + n] = RESPONSE
+    pv, grid = _cat_images([ro.pixel_values[i] for i in idx], [ro.image_grid_thw[i] for i in idx], device)
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+            "roles": roles.to(device), "targets": input_ids[:, Lp:].to(device),
+            "mask": response_mask(lengths, Lc).to(device), "Lp": Lp, "Lc": Lc,
+            "pixel_values": pv, "image_grid_thw": grid, "lengths": lengths.to(device)}
+
+
+def completion_logprobs(model, batch, temperature, vocab_size=None, chunk_size=512, with_entropy=False):
+    """log pi(completion token) (B, Lc) float32 of the sampled tokens (and the entropy (B, Lc) of the
+    tempered distribution), from one forward over a pack_sequences batch. Logits / temperature, in
+    float32, restricted to the tokenizer's ids, as the sampler drew them."""
+    hidden = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
+                   return_hidden=True)  # (B, Lp + Lc, D)
+    Lp, Lc = batch["Lp"], batch["Lc"]
+    # Only the completion's columns go through the LM head (the prompt's logits, often the larger
+    # part with images, are never made); column Lp-1+t predicts completion token t. train_sft.py
+    # applies the head the same way, outside the model's forward, also under FSDP.
+    logits = model.lm_head(hidden[:, Lp - 1:Lp + Lc - 1])  # (B, Lc, V)
+    return token_logprobs(logits, batch["targets"], temperature, chunk_size, vocab_size, return_entropy=with_entropy)
+
+
+# ---------------------------------------------------------------------------------------------
+# rewards
+# ---------------------------------------------------------------------------------------------
+
+def accuracy_and_format(texts, records):
+    """r_acc (N,) in {0, 1}: evaluate.grade(extract_answer(text), gold); r_format (N,) in {0, 1}:
+    evaluate.format_ok(text), the full-match <think>...</think><answer>...</answer> check."""
+    acc = [float(evaluate.grade(evaluate.extract_answer(t), r["answer"], r.get("options"), r.get("answer_type")))
+           for t, r in zip(texts, records)]
+    fmt = [float(evaluate.format_ok(t)) for t in texts]
+    return torch.tensor(acc), torch.tensor(fmt)
+
+
+def compute_rewards(model, ro, args, dctx, pad_id, autocast=contextlib.nullcontext()):
+    """AVAR 4c on a rollout: acc, fmt, vis (gated: computed for correct answers only), total; (N,) each."""
+    acc, fmt = accuracy_and_format(ro.texts, ro.records)
+    vis = torch.zeros_like(acc)
+    if args.lambda_v != 0:
+        import vas
+        # parsed without a depth bound: visual_reward keeps the layers the model has (0-7 of 4 = 0-3)
+        layers = vas.parse_layers([args.vas_layers], 10 ** 9) if args.vas_layers else None
+        vis = visual_rewards(model, ro, acc > 0, dctx, args.micro_batch, layers, args.vas_eps, pad_id, autocast)
+    return acc, fmt, vis, total_reward(acc, vis, fmt, args.lambda_v, args.lambda_f)
+
+
+class Dist:
+    """The process group as the loop sees it: rank, world size, device, FSDP on/off."""
+
+    def __init__(self, rank=0, world=1, device=torch.device("cpu"), fsdp=False):
+        self.rank, self.world, self.device, self.fsdp = rank, world, device, fsdp
+
+    def sum(self, values):
+        """Sum of a list of floats over processes (float64)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.fsdp:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def max(self, value):
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        if self.fsdp:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    def gather(self, t):
+        """Concatenation over processes of an equal-length 1-D tensor, in rank order."""
+        if not self.fsdp:
+            return t
+        t = t.to(self.device)
+        out = torch.empty(t.numel() * self.world, dtype=t.dtype, device=self.device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out, t.contiguous())
+        return out.cpu()
+
+
+def balanced_chunks(indices, size, dctx):
+    """`indices` cut into chunks of `size`; under FSDP padded with None (a zero-weight dummy pass) up
+    to the largest chunk count of any process, so that all run the same number of forwards."""
+    chunks = [indices[s:s + size] for s in range(0, len(indices), size)]
+    n = int(dctx.max(len(chunks))) if dctx.fsdp else len(chunks)
+    return chunks + [None] * (n - len(chunks))
+
+
+def visual_rewards(model, ro, correct, dctx, micro_batch, layers, eps, pad_id, autocast):
+    """r_visual (N,) for the rows where `correct` (others 0): vas.visual_reward over prompt +
+    completion with roles (prompt roles from encode_chat, completion RESPONSE), no grad."""
+    import vas
+    out = torch.zeros(len(ro.prompts))
+    rows = [i for i in range(len(ro.prompts)) if correct[i]]
+    for chunk in balanced_chunks(rows, micro_batch, dctx):
+        b = pack_sequences(ro, chunk if chunk is not None else [0], pad_id, dctx.device)
+        with autocast:
+            r = vas.visual_reward(model, b["input_ids"], b["attention_mask"], b["roles"], b["pixel_values"],
+                                  b["image_grid_thw"], layers=layers, eps=eps)
+        if dctx.fsdp:
+            # visual_reward stops the forward after its last layer (an exception inside the model):
+            # FSDP's per-iteration state must be reset before the next forward.
+            model.reset_iter_state()
+        if chunk is not None:
+            out[chunk] = r.float().cpu()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP: all parameters gathered for generation
+# ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def generation_mode(model, dctx):
+    """Run model.generate on the full parameters.
+
+    Without FSDP: nothing to do. With FSDP2 every unit is unsharded once here (one collective each,
+    in the same order on every process) and kept unsharded through all forwards (reshard after
+    forward off), so the decode steps issue no collectives: processes may stop decoding at
+    different steps. train_sft's vision-on-text-batches patch (a collective trick for training
+    forwards) is lifted meanwhile, so decode steps do not run the vision tower.
+    """
+    if not dctx.fsdp:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    # the setting to restore: the root keeps its parameters after forward (FSDP's own default for
+    # the root), the other units follow what they were given (read from the unit's param group)
+    before = []
+    for m in units:
+        groups = m._get_fsdp_state()._fsdp_param_groups
+        before.append(False if m is model else any(g.post_forward_mesh_info is not None for g in groups))
+    patched = model.__dict__.pop("embed", None)
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+    for m in units:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m, r in zip(units, before):
+            m.set_reshard_after_forward(r, recurse=False)
+            m.reshard()
+        if patched is not None:
+            model.embed = patched
+
+
+# ---------------------------------------------------------------------------------------------
+# the update
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class LossConfig:
+    temperature: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.3
+    dual_clip: float | None = 3.0
+    kl_coef: float = 0.0
+    loss_agg: str = "token_mean"
+    max_new_tokens: int = 256
+    vocab_size: int | None = None
+    logp_chunk: int = 512
+
+
+def _no_grad_logprobs(model, ro, chunks, pad_id, cfg, dctx, autocast):
+    """Per chunk (B, Lc) log-probs under no grad: the old policy's or the reference's (a dummy
+    chunk's too: its loss is multiplied by 0 but still computed)."""
+    out = []
+    with torch.no_grad():
+        for chunk in chunks:
+            b = pack_sequences(ro, chunk if chunk is not None else [0], pad_id, dctx.device)
+            with autocast:
+                lp = completion_logprobs(model, b, cfg.temperature, cfg.vocab_size, cfg.logp_chunk)
+            out.append(lp)
+    return out
+
+
+def policy_update(model, optimizer, ro, adv, keep, cfg, dctx, *, micro_batch, ppo_epochs, pad_id,
+                  grad_clip=1.0, ref_model=None, autocast=contextlib.nullcontext(), lr_for=None):
+    """--ppo-epochs optimizer steps on one rollout batch. Returns a dict of step metrics.
+
+    adv (N,) per-sequence advantages; keep (N,) bool, the rows that take part (all but the dropped
+    zero-spread groups). The normalisers are the counts of the kept rows of ALL processes (one
+    optimizer step covers them all): response tokens (token_mean), sequences (seq_mean, dr_grpo).
+    old log-probs: with one update per rollout batch the policy that sampled is the policy being
+    updated, so old = logp.detach() (ratio exactly 1, TRL's shortcut); with more, one no-grad pass
+    before the first update. Reference log-probs (kl_coef > 0): one no-grad pass of the frozen copy.
+    FSDP averages gradients over processes, so each loss is multiplied by the world size.
+    """
+    rows = [i for i in range(len(ro.prompts)) if keep[i]]
+    n_tok, n_seq = dctx.sum([float(ro.lengths[rows].sum()) if rows else 0.0, float(len(rows))])
+    metrics = {"n_trained_sequences": int(n_seq), "n_trained_tokens": int(n_tok)}
+    if n_seq == 0:  # every group had zero spread and was dropped: nothing to learn from this batch
+        metrics["skipped_update"] = True
+        return metrics
+    chunks = balanced_chunks(rows, micro_batch, dctx)
+    old = _no_grad_logprobs(model, ro, chunks, pad_id, cfg, dctx, autocast) if ppo_epochs > 1 else None
+    ref = _no_grad_logprobs(ref_model, ro, chunks, pad_id, cfg, dctx, autocast) if cfg.kl_coef > 0 else None
+    scale = dctx.world if dctx.fsdp else 1
+    dual = cfg.dual_clip if cfg.dual_clip else None
+    keys = ("loss", "pg_loss", "kl", "entropy", "clip_frac", "clip_frac_high", "clip_frac_low", "dual_clip_frac",
+            "approx_kl", "ratio_mean", "tokens")
+    sums = dict.fromkeys(keys, 0.0)
+    ratio_max, norms, train_tokens = 0.0, [], 0
+    t0 = time.time()
+    for epoch in range(ppo_epochs):
+        if lr_for is not None:
+            lr_for(epoch)
+        for j, chunk in enumerate(chunks):
+            if dctx.fsdp:  # reduce-scatter gradients only after the last micro-batch
+                model.set_requires_gradient_sync(j == len(chunks) - 1)
+            b = pack_sequences(ro, chunk if chunk is not None else [0], pad_id, dctx.device)
+            with autocast:
+                logp, ent = completion_logprobs(model, b, cfg.temperature, cfg.vocab_size, cfg.logp_chunk,
+                                                with_entropy=True)
+            mask = b["mask"]
+            a = adv[chunk if chunk is not None else [0]].to(logp.device)
+            old_lp = old[j] if old is not None else logp.detach()
+            pg, pm = policy_loss(logp, old_lp, a, mask, cfg.clip_low, cfg.clip_high, dual)
+            per_token = pg
+            kl = None
+            if ref is not None:
+                kl = kl_k3(logp, ref[j])
+                per_token = per_token + cfg.kl_coef * kl
+            loss = aggregate(per_token, mask, cfg.loss_agg, total_tokens=n_tok, num_seqs=n_seq,
+                             max_len=cfg.max_new_tokens)
+            if chunk is None:
+                loss = loss * 0.0  # a dummy micro-batch: same collectives, no contribution
+            (loss * scale).backward()
+            train_tokens += int(b["attention_mask"].sum())
+            if chunk is None:
+                continue
+            with torch.no_grad():
+                m = mask.float()
+                nt = float(m.sum())
+                sums["tokens"] += nt
+                sums["loss"] += float(loss)
+                sums["pg_loss"] += float(aggregate(pg, mask, cfg.loss_agg, total_tokens=n_tok, num_seqs=n_seq,
+                                                   max_len=cfg.max_new_tokens))
+                sums["entropy"] += float((ent * m).sum())
+                if kl is not None:
+                    sums["kl"] += float((kl * m).sum())
+                for k in ("clip_frac", "clip_frac_high", "clip_frac_low", "dual_clip_frac", "approx_kl", "ratio_mean"):
+                    sums[k] += float(pm[k]) * nt
+                ratio_max = max(ratio_max, float(pm["ratio_max"]))
+        params = [p for p in model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+            norm = norm.full_tensor()
+        norms.append(float(norm))
+        loss_now = dctx.sum([sums["loss"]])[0]
+        if not (math.isfinite(norms[-1]) and math.isfinite(loss_now)):
+            optimizer.zero_grad(set_to_none=True)
+            metrics.update(nonfinite=True, grad_norm=norms[-1], loss=loss_now)
+            return metrics
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    dt = time.time() - t0
+    s = dict(zip(keys, dctx.sum([sums[k] for k in keys])))
+    tok = max(s["tokens"], 1.0)
+    metrics.update(
+        loss=s["loss"] / ppo_epochs, pg_loss=s["pg_loss"] / ppo_epochs,
+        kl=s["kl"] / tok if cfg.kl_coef > 0 else None, entropy=s["entropy"] / tok,
+        clip_frac=s["clip_frac"] / tok, clip_frac_high=s["clip_frac_high"] / tok,
+        clip_frac_low=s["clip_frac_low"] / tok, dual_clip_frac=s["dual_clip_frac"] / tok,
+        approx_kl=s["approx_kl"] / tok, ratio_mean=s["ratio_mean"] / tok,
+        ratio_max=dctx.max(ratio_max), grad_norm=norms[-1],
+        train_tokens_per_s=dctx.sum([float(train_tokens)])[0] / max(dctx.max(dt), 1e-9))
+    return metrics
+
+
+def grpo_step(model, optimizer, tok, encs, group_ids, args, dctx, step, *, ref_model=None,
+              reward_fn=None, autocast=contextlib.nullcontext(), lr_for=None):
+    """One rollout batch and its update on this process's prompts `encs`. Returns (metrics, rollout).
+
+    reward_fn(rollout) -> (acc, fmt, vis) may replace the AVAR reward (tests); by default
+    r_acc / r_format from evaluate.py and r_visual from vas.py for the correct answers.
+    """
+    G = args.group_size
+    cfg = LossConfig(temperature=args.temperature, clip_low=args.clip_low, clip_high=args.clip_high,
+                     dual_clip=args.dual_clip, kl_coef=args.kl_coef, loss_agg=args.loss_agg,
+                     max_new_tokens=args.max_new_tokens, vocab_size=tok.vocab_size, logp_chunk=args.logp_chunk)
+    # 1. rollout
+    t0 = time.time()
+    with generation_mode(model, dctx), torch.no_grad():
+        ro = generate_rollouts(model, tok, encs, group_ids, G, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_p=args.top_p,
+                               seed=rollout_seed(args.seed, step, dctx.rank), gen_batch=args.gen_batch)
+    t_gen = time.time() - t0
+    # 2. rewards
+    t0 = time.time()
+    if reward_fn is not None:
+        acc, fmt, vis = reward_fn(ro)
+        reward = total_reward(acc, vis, fmt, args.lambda_v, args.lambda_f)
+    else:
+        acc, fmt, vis, reward = compute_rewards(model, ro, args, dctx, tok.pad_id, autocast)
+    t_reward = time.time() - t0
+    # 3. advantages over the whole step's rewards
+    all_r, all_g = dctx.gather(reward.float()), dctx.gather(ro.group_ids)
+    adv_all, am = group_advantages(all_r, all_g, scale=args.adv_scale, eps=args.adv_eps)
+    n = len(ro.prompts)
+    sl = slice(dctx.rank * n, (dctx.rank + 1) * n) if dctx.fsdp else slice(0, n)
+    adv, zero = adv_all[sl], am["zero_spread_mask"][sl]
+    keep = ~zero if args.drop_zero_spread else torch.ones(n, dtype=torch.bool)
+    # 4. update
+    m = policy_update(model, optimizer, ro, adv, keep, cfg, dctx, micro_batch=args.micro_batch,
+                      ppo_epochs=args.ppo_epochs, pad_id=tok.pad_id, grad_clip=args.grad_clip,
+                      ref_model=ref_model, autocast=autocast, lr_for=lr_for)
+    # step metrics, over all processes
+    gated_vis = torch.where(acc > 0, vis, torch.zeros_like(vis))
+    s = dctx.sum([float(n), float(reward.sum()), float(acc.sum()), float(fmt.sum()), float(gated_vis.sum()),
+                  float(ro.lengths.sum()), float((~ro.stopped).sum()), float(ro.cut.sum())])
+    N, gen_tokens = s[0], s[5]
+    m.update(
+        reward=s[1] / N, reward_acc=s[2] / N, reward_format=s[3] / N, reward_visual=s[4] / N,
+        reward_visual_correct=s[4] / s[2] if s[2] else None, accuracy=s[2] / N,
+        response_length=gen_tokens / N, response_length_max=int(dctx.max(float(ro.lengths.max()))),
+        truncated_frac=s[6] / N, image_pad_cut_frac=s[7] / N, zero_spread_frac=am["zero_spread_frac"], reward_std=am["reward_std"],
+        n_sequences=int(N), gen_tokens_per_s=gen_tokens / max(dctx.max(t_gen), 1e-9),
+        time_rollout=t_gen, time_reward=t_reward)
+    return m, ro
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+
+def weights_checksum(model, use_fsdp):
+    """sha256 of the full float32 weights as this process sees them (FSDP: gathered)."""
+    if use_fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    else:
+        sd = model.state_dict()
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        h.update(name.encode())
+        h.update(sd[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def main(argv=None, reward_fn=None):
+    """Parse the arguments, set up the process group (train_sft.setup_distributed) and train.
+    reward_fn(rollout) -> (acc, fmt, vis) replaces the AVAR reward (tests)."""
+    global RANK
+    import train_sft
+    args = build_parser().parse_args(argv)
+    rank, world, device, use_fsdp = train_sft.setup_distributed(args)
+    RANK = train_sft.RANK = rank  # train_sft.save_checkpoint writes on its RANK 0 only
+    try:
+        return train(args, Dist(rank, world, device, use_fsdp), reward_fn)
+    finally:
+        if use_fsdp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, dctx, reward_fn=None):
+    import train_sft
+    from tqdm import tqdm
+
+    from model import from_pretrained
+
+    rank, world, device = dctx.rank, dctx.world, dctx.device
+    torch.manual_seed(args.seed + rank)
+    if args.temperature <= 0:
+        raise ValueError("--temperature must be > 0 for GRPO rollouts (the log-probs divide by it)")
+    if args.prompts_per_step % world:
+        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} processes")
+    compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32,
+                     "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
+
+    ckpt = train_sft.resolve_resume(args.resume, args.out) if args.resume else None
+    if args.resume and ckpt is None:
+        print0(f"--resume: no checkpoint in {args.out}, starting from {args.model}")
+    state = None
+    if ckpt is not None:
+        state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", mmap=True, weights_only=True)
+    init_dir = state["init_model"] if state is not None else resolve_model_dir(args.model)
+    model_dir = ckpt or init_dir
+
+    tok = Tokenizer(model_dir)
+    improc = ImageProcessor.from_pretrained(model_dir, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    ds = PromptDataset(args.data, tok, improc, args.max_prompt_len, args.skip_bad)
+    print0(ds.summary())
+    P = args.prompts_per_step
+    steps_per_epoch = len(ds) // P
+    if steps_per_epoch == 0:
+        raise ValueError(f"{args.data}: {len(ds)} prompts, fewer than one batch of --prompts-per-step {P}")
+    total_steps = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * steps_per_epoch))
+
+    model = from_pretrained(model_dir, dtype=torch.float32, device=device)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens, the model's embedding {model.cfg.vocab_size}")
+    model.set_gradient_checkpointing(args.grad_ckpt)
+    if args.freeze_vision:
+        model.visual.requires_grad_(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    ref_model = None
+    if args.kl_coef > 0:  # the frozen initial policy (also after a resume)
+        ref_model = from_pretrained(init_dir, dtype=torch.float32, device=device).eval()
+        ref_model.requires_grad_(False)
+    if dctx.fsdp:
+        train_sft.shard_model(model, compute_dtype)
+        train_sft.run_vision_on_text_batches(model)
+        if ref_model is not None:
+            train_sft.shard_model(ref_model, compute_dtype)
+            train_sft.run_vision_on_text_batches(ref_model)
+    model.train()
+    # one process in bf16: autocast for the training forwards; generation runs on the float32
+    # weights (its KV cache takes the weights' dtype). --fsdp gives bf16 generation.
+    autocast = (torch.autocast(device.type, dtype=compute_dtype)
+                if not dctx.fsdp and compute_dtype != torch.float32 else contextlib.nullcontext())
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=tuple(args.betas),
+                                  fused=device.type == "cuda")
+    start = 0
+    if state is not None:
+        for key, now in (("prompts_per_step", P), ("seed", args.seed), ("num_records", len(ds)),
+                         ("group_size", args.group_size)):
+            if state[key] != now:
+                raise ValueError(f"cannot resume from {ckpt}: {key} was {state[key]}, now {now}")
+        if dctx.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        print0(f"resumed from {ckpt} at step {start}")
+    last_ckpt = ckpt
+
+    config = dict(vars(args), init_model=init_dir, world_size=world, steps_per_epoch=steps_per_epoch,
+                  total_steps=total_steps, fsdp=dctx.fsdp, compute_dtype=str(compute_dtype), device=str(device),
+                  parameters=n_params, data_stats=ds.stats, torch=torch.__version__)
+    print0("config: " + json.dumps(config, default=str))
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "run_config.json"), "w") as f:
+            json.dump(config, f, indent=2, default=str)
+        if os.path.exists(metrics_path):  # keep the lines of the steps this run does not redo
+            with open(metrics_path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
+
+    def set_lr(update):
+        lr = args.lr * (min(1.0, (update + 1) / args.warmup_steps) if args.warmup_steps > 0 else 1.0)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    pbar = tqdm(total=total_steps, initial=start, disable=rank != 0, dynamic_ncols=True, desc="grpo")
+    history, share = [], P // world
+    for step in range(start, total_steps):
+        t0 = time.time()
+        epoch, k = divmod(step, steps_per_epoch)
+        batch = epoch_batches(ds.lengths, P, args.seed, epoch, group_by_length=False)[k]
+        mine = batch[rank * share:(rank + 1) * share]
+        encs = [ds[i] for i in mine]
+        group_ids = [step * P + rank * share + j for j in range(share)]  # exact, unique in the step
+        lrs = [set_lr(step * args.ppo_epochs)]
+        m, _ = grpo_step(model, optimizer, tok, encs, group_ids, args, dctx, step, ref_model=ref_model,
+                         reward_fn=reward_fn, autocast=autocast,
+                         lr_for=lambda e: lrs.append(set_lr(step * args.ppo_epochs + e)))
+        if m.get("nonfinite"):
+            where = f"the last good checkpoint is {last_ckpt} (--resume)" if last_ckpt else "no checkpoint was written yet"
+            raise train_sft.NonFiniteLoss(f"step {step + 1}: non-finite loss {m.get('loss')} or grad norm "
+                                          f"{m.get('grad_norm')}; stopped before the update; {where}")
+        row = dict(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 4), lr=lrs[-1] if lrs else None, **m,
+                   step_time=time.time() - t0)
+        if args.checksum:
+            sums = [None] * world if dctx.fsdp else None
+            mine_sum = weights_checksum(model, dctx.fsdp)
+            if dctx.fsdp:
+                dist.all_gather_object(sums, mine_sum)
+            row["param_checksums"] = sums if dctx.fsdp else [mine_sum]
+        history.append(row)
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            pbar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}",
+                             len=f"{row['response_length']:.0f}")
+            pbar.update(1)
+        done = step + 1
+        if done == total_steps or (args.save_every > 0 and done % args.save_every == 0):
+            st = dict(step=done, epoch=done // steps_per_epoch, batch_in_epoch=done % steps_per_epoch,
+                      steps_per_epoch=steps_per_epoch, prompts_per_step=P, group_size=args.group_size,
+                      num_records=len(ds), seed=args.seed, total_steps=total_steps, world_size=world,
+                      init_model=init_dir, args=vars(args))
+            last_ckpt = train_sft.save_checkpoint(model, optimizer, done, args, st, model_dir, dctx.fsdp, device)
+    pbar.close()
+    return {"metrics": history, "checkpoint": last_ckpt, "config": config}
+
+
+if __name__ == "__main__":
+    main()
