@@ -524,6 +524,17 @@ class KVCache:
     def seen(self) -> int:
         return int(self.pos)
 
+    def repeat_interleave(self, n: int) -> "KVCache":
+        """A cache whose row b*n + i (i < n) is a copy of row b: n continuations of each prompt
+        after one prefill."""
+        new = object.__new__(KVCache)
+        new.__dict__.update(self.__dict__)
+        new.k, new.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+        new.key_valid = self.key_valid.repeat_interleave(n, dim=0)
+        new.rope_delta = self.rope_delta.repeat_interleave(n, dim=0)
+        new.pos = self.pos.clone()
+        return new
+
     def update(self, layer: int, k, v):
         self.k[layer].index_copy_(2, self.write_idx, k)
         self.v[layer].index_copy_(2, self.write_idx, v)
@@ -626,7 +637,7 @@ class Qwen2_5_VL(nn.Module):
     def generate(self, prompts, pixel_values=None, image_grid_thw=None, *, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  stop_ids=None, pad_id: int | None = None, vocab_limit: int | None = None,
-                 attn_ctl_factory=None, compile: bool = False):
+                 banned_ids=None, num_samples: int = 1, attn_ctl_factory=None, compile: bool = False):
         """Decode a batch of prompts with a pre-allocated KV cache.
 
         prompts: list of 1-D LongTensors (ragged; each may contain <|image_pad|> runs).
@@ -638,11 +649,17 @@ class Qwen2_5_VL(nn.Module):
             default <|im_end|> and <|endoftext|> (eos and bos ids of the config). pad_id: default
             <|endoftext|>, used for left padding and after each row's end.
         vocab_limit: ids >= this (Qwen pads its embedding matrix past the tokenizer) are never drawn.
+        banned_ids: ids never drawn; default the vision placeholders (<|image_pad|>, <|video_pad|>,
+            <|vision_start|>, <|vision_end|>), which a reply cannot contain (fed back, an
+            <|image_pad|> would claim an image slot).
+        num_samples: continuations per prompt, all from one prefill (the cache is copied after it);
+            the rows come out prompt-major: row p * num_samples + i is sample i of prompt p.
         attn_ctl_factory(cache_len, ids (B, L), mask (B, L)) -> attn_ctl, for the intervention during
             generation: called with the cache length and the left-padded prompts, it must return a
             controller whose key_scale covers all cache_len keys.
         compile: run the one-token decode step through torch.compile (worth it on a GPU).
-        Returns (tokens (B, max_new_tokens) padded with pad_id after each row's end, lengths (B,)).
+        Returns (tokens (B * num_samples, max_new_tokens) padded with pad_id after each row's end,
+        lengths (B * num_samples,)).
         """
         dev = self.lm_head.weight.device
         if stop_ids is None:
@@ -658,21 +675,34 @@ class Qwen2_5_VL(nn.Module):
             mask[b, L - len(p):] = True
         cache = KVCache(self.cfg, B, L + max_new_tokens, self.lm_head.weight.dtype, dev)
         ctl = attn_ctl_factory(cache.max_len, ids, mask) if attn_ctl_factory is not None else None
+        if num_samples > 1 and ctl is not None:
+            raise ValueError("num_samples > 1 with an attention controller: repeat the prompts instead")
         gen = None
         if temperature > 0:
             gen = torch.Generator(device=dev)
             gen.manual_seed(seed if seed is not None else torch.seed())
+        if banned_ids is None:
+            c = self.cfg
+            banned_ids = (c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id)
+        blocked = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=dev)  # never drawn
+        blocked[list(banned_ids)] = True
+        if vocab_limit is not None:
+            blocked[vocab_limit:] = True
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
-        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-        lengths = torch.zeros(B, dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
         # Asking "are all rows done?" waits for the device; on a GPU ask every 16 steps only.
         check_every = 1 if dev.type == "cpu" else 16
         decode = self.decode_step if ctl is not None or not compile else self._compiled_decode_step()
 
-        logits = self(ids, mask, pixel_values, image_grid_thw, cache=cache, attn_ctl=ctl)[:, -1]
+        hidden = self(ids, mask, pixel_values, image_grid_thw, cache=cache, attn_ctl=ctl, return_hidden=True)
+        logits = self.lm_head(hidden[:, -1])  # the prompt's last position only
+        if num_samples > 1:
+            cache, logits = cache.repeat_interleave(num_samples), logits.repeat_interleave(num_samples, dim=0)
+        N = B * num_samples
+        out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+        lengths = torch.zeros(N, dtype=torch.long, device=dev)
+        done = torch.zeros(N, dtype=torch.bool, device=dev)
         for step in range(max_new_tokens):
-            tok = sample_next(logits.float(), temperature, top_p, gen, vocab_limit)
+            tok = sample_next(logits.float(), temperature, top_p, gen, blocked)
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             out[:, step] = tok
             lengths += (~done).long()
@@ -693,11 +723,11 @@ class Qwen2_5_VL(nn.Module):
         return self._decode_compiled
 
 
-def sample_next(logits, temperature: float, top_p: float, gen, vocab_limit=None):
-    """One token per row from logits (B, V) (float32): greedy at temperature 0, else top-p sampling."""
-    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-        logits = logits.clone()
-        logits[:, vocab_limit:] = float("-inf")
+def sample_next(logits, temperature: float, top_p: float, gen, blocked=None):
+    """One token per row from logits (B, V) (float32): greedy at temperature 0, else top-p sampling.
+    blocked (V,) bool: ids never drawn."""
+    if blocked is not None:
+        logits = logits.masked_fill(blocked, float("-inf"))
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)

@@ -547,7 +547,6 @@ class Rollout:
     group_ids: torch.Tensor  # (N,) one exact id per prompt
     texts: list  # N decoded completions (special tokens dropped)
     stopped: torch.Tensor  # (N,) bool: ended on a stop token (not cut at max_new_tokens)
-    cut: torch.Tensor  # (N,) bool: cut before a sampled <|image_pad|> (see generate_rollouts)
 
 
 def rollout_seed(seed, step, rank):
@@ -574,7 +573,10 @@ def generate_rollouts(model, tok, encs, group_ids, G, *, max_new_tokens, tempera
     """Sample G completions of every encoded prompt in `encs` (dataset items); no grad.
 
     group_ids: one id per prompt (its G samples share it). gen_batch: sequences per generate call
-    (0: all). Chunk c is sampled with seed + c. Returns a Rollout (tensors on the CPU).
+    (0: all), rounded down to whole groups. Each prompt is prefilled once and its KV cache copied
+    G times (generate's num_samples). Chunk c is sampled with seed + c. Vision placeholders are
+    never sampled (generate bans them), so every completion can be fed back as text. Returns a
+    Rollout (tensors on the CPU).
     """
     dev = _model_device(model)
     prompts, roles, pvs, grids, records, gids = [], [], [], [], [], []
@@ -587,32 +589,23 @@ def generate_rollouts(model, tok, encs, group_ids, G, *, max_new_tokens, tempera
             records.append(enc["record"])
             gids.append(int(gid))
     N = len(prompts)
-    size = gen_batch if gen_batch > 0 else N
+    per_call = max(1, gen_batch // G) if gen_batch > 0 else len(encs)  # prompts per generate call
     toks, lens = [], []
-    for c, s in enumerate(range(0, N, size)):
-        pv, grid = _cat_images(pvs[s:s + size], grids[s:s + size], dev)
-        t, n = model.generate(prompts[s:s + size], pv, grid, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_p=top_p, seed=(seed + c) % 2 ** 63, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
-                              vocab_limit=tok.vocab_size)
+    for c, s in enumerate(range(0, len(encs), per_call)):
+        chunk = encs[s:s + per_call]
+        pv, grid = _cat_images([e["pixel_values"] for e in chunk], [e["image_grid_thw"] for e in chunk], dev)
+        t, n = model.generate([e["input_ids"] for e in chunk], pv, grid, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, seed=(seed + c) % 2 ** 63, num_samples=G,
+                              stop_ids=tok.stop_ids, pad_id=tok.pad_id, vocab_limit=tok.vocab_size)
         toks.append(t.cpu())
         lens.append(n.cpu())
     completions, lengths = torch.cat(toks), torch.cat(lens)
-    # A sampled <|image_pad|> cannot be fed back: the training forward would take it for an image
-    # slot (generate's decode steps embed it as a plain token). The completion is cut before it:
-    # the prefix is still a sample of the policy; the token and what follows are not trained on.
-    pos = torch.arange(completions.shape[1])[None, :]
-    bad = (completions == model.cfg.image_token_id) & (pos < lengths[:, None])
-    cut = bad.any(1)
-    if cut.any():
-        first = torch.where(bad, pos, completions.shape[1]).min(1).values
-        lengths = torch.where(cut, first, lengths)
-        completions = torch.where(pos < lengths[:, None], completions, torch.full_like(completions, tok.pad_id))
     stops = torch.tensor(list(tok.stop_ids))
     last = completions.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
     stopped = (lengths > 0) & torch.isin(last, stops)
     texts = [tok.decode(completions[i, :int(lengths[i])].tolist(), skip_special_tokens=True) for i in range(N)]
     return Rollout(prompts, roles, pvs, grids, records, completions, lengths,
-                   torch.tensor(gids, dtype=torch.long), texts, stopped, cut)
+                   torch.tensor(gids, dtype=torch.long), texts, stopped)
 
 
 def pack_sequences(ro, idx, pad_id, device):
@@ -944,13 +937,13 @@ def grpo_step(model, optimizer, tok, encs, group_ids, args, dctx, step, *, ref_m
     # step metrics, over all processes
     gated_vis = torch.where(acc > 0, vis, torch.zeros_like(vis))
     s = dctx.sum([float(n), float(reward.sum()), float(acc.sum()), float(fmt.sum()), float(gated_vis.sum()),
-                  float(ro.lengths.sum()), float((~ro.stopped).sum()), float(ro.cut.sum())])
+                  float(ro.lengths.sum()), float((~ro.stopped).sum())])
     N, gen_tokens = s[0], s[5]
     m.update(
         reward=s[1] / N, reward_acc=s[2] / N, reward_format=s[3] / N, reward_visual=s[4] / N,
         reward_visual_correct=s[4] / s[2] if s[2] else None, accuracy=s[2] / N,
         response_length=gen_tokens / N, response_length_max=int(dctx.max(float(ro.lengths.max()))),
-        truncated_frac=s[6] / N, image_pad_cut_frac=s[7] / N, zero_spread_frac=am["zero_spread_frac"], reward_std=am["reward_std"],
+        truncated_frac=s[6] / N, zero_spread_frac=am["zero_spread_frac"], reward_std=am["reward_std"],
         n_sequences=int(N), gen_tokens_per_s=gen_tokens / max(dctx.max(t_gen), 1e-9),
         time_rollout=t_gen, time_reward=t_reward)
     return m, ro

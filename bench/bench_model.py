@@ -102,7 +102,7 @@ def main():
            mm_token_type_ids=mm).logits.log_softmax(-1).mean().backward()
 
     def gen_ours():
-        toks, lens = ours.generate(prompts, pv, grid, max_new_tokens=n_new, stop_ids=(), pad_id=PAD)
+        toks, lens = ours.generate(prompts, pv, grid, max_new_tokens=n_new, stop_ids=(), pad_id=PAD, banned_ids=())
         assert int(lens.min()) == n_new
 
     def gen_hf():
@@ -113,7 +113,7 @@ def main():
         assert out.shape[1] == ids.shape[1] + n_new
 
     # greedy outputs agree before anything is timed
-    toks, _ = ours.generate(prompts, pv, grid, max_new_tokens=8, stop_ids=(), pad_id=PAD)
+    toks, _ = ours.generate(prompts, pv, grid, max_new_tokens=8, stop_ids=(), pad_id=PAD, banned_ids=())
     with torch.no_grad():
         ref = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid,
                           mm_token_type_ids=mm, do_sample=False, repetition_penalty=1.0, max_new_tokens=8,

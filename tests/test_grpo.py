@@ -104,7 +104,7 @@ def rollout_from_texts(tok, enc, texts):
     return tg.Rollout([enc["input_ids"]] * n, [enc["roles"]] * n, [enc["pixel_values"]] * n,
                       [enc["image_grid_thw"]] * n, [enc["record"]] * n, comp,
                       torch.tensor([len(r) for r in rows]), torch.zeros(n, dtype=torch.long), list(texts),
-                      torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool))
+                      torch.ones(n, dtype=torch.bool))
 
 
 # --------------------------------------------------------------------------------------------

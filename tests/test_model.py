@@ -195,7 +195,7 @@ def test_greedy_generation_equals_transformers(hf_untied):
     stop = (TINY_IDS["eos_token_id"], PAD)
     for impl in ("sdpa", "eager"):
         m.attn_impl = impl
-        tokens, lengths = m.generate(prompts, pv, grids, max_new_tokens=12, stop_ids=stop, pad_id=PAD)
+        tokens, lengths = m.generate(prompts, pv, grids, max_new_tokens=12, stop_ids=stop, pad_id=PAD, banned_ids=())
         with torch.no_grad():
             ref = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grids,
                               mm_token_type_ids=(ids == IMG).int(), do_sample=False, repetition_penalty=1.0,
@@ -218,6 +218,30 @@ def test_sampling_is_seeded_and_respects_vocab_limit(hf_untied):
     c, _ = m.generate(prompts, pv, grids, seed=8, **kw)
     assert torch.equal(a, b) and torch.equal(la, lb) and not torch.equal(a, c)
     assert (a < 200).all() and (la == 20).all()
+
+
+def test_banned_ids_and_samples_from_one_prefill(hf_untied):
+    """Vision placeholders are never drawn (even when they are the argmax); num_samples copies the
+    cache after one prefill and equals generating from repeated prompts."""
+    _, path = hf_untied
+    m = from_pretrained(path, dtype=torch.float32).eval()
+    ids, mask, pv, grids = make_batch("left")
+    prompts = [ids[b][mask[b].bool()] for b in range(3)]
+    with torch.no_grad():
+        m.lm_head.weight[IMG] = m.lm_head.weight[IMG] * 0 + 5.0  # make <|image_pad|> the favourite
+    raw, _ = m.generate(prompts, pv, grids, max_new_tokens=6, stop_ids=(), banned_ids=())
+    assert (raw == IMG).any()
+    toks, _ = m.generate(prompts, pv, grids, max_new_tokens=6, stop_ids=(), temperature=1.0, seed=0)
+    assert not torch.isin(toks, torch.tensor([IMG, VS, VE, TINY_IDS["video_token_id"]])).any()
+    calls = []
+    m.visual.register_forward_hook(lambda *a: calls.append(1))
+    g, gl = m.generate(prompts, pv, grids, max_new_tokens=6, stop_ids=(TINY_IDS["eos_token_id"],), num_samples=3)
+    assert len(calls) == 1 and g.shape == (9, 6)
+    # greedy: every sample of a prompt equals the prompt's own greedy continuation
+    single, sl = m.generate(prompts, pv, grids, max_new_tokens=6, stop_ids=(TINY_IDS["eos_token_id"],))
+    assert torch.equal(g, single.repeat_interleave(3, 0)) and torch.equal(gl, sl.repeat_interleave(3))
+    s1, _ = m.generate(prompts, pv, grids, max_new_tokens=6, temperature=1.0, seed=3, num_samples=4, stop_ids=())
+    assert not all(torch.equal(s1[0], s1[i]) for i in range(1, 4))  # samples of one prompt differ
 
 
 def test_vision_tower_runs_once_per_generate(hf_untied):
