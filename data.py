@@ -105,6 +105,9 @@ class Tokenizer:
     def __init__(self, path: str):
         from tokenizers import Tokenizer as HFTokenizer
 
+        if os.path.isdir(path):
+            from model import resolve_checkpoint  # a training run's folder: its latest checkpoint
+            path = resolve_checkpoint(path)
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.exists(file):
             raise FileNotFoundError(f"{file}: no tokenizer.json")
@@ -314,8 +317,10 @@ class ImageProcessor:
     @classmethod
     def from_pretrained(cls, path: str, **overrides) -> "ImageProcessor":
         """Read `preprocessor_config.json` if the folder has one (hub defaults otherwise)."""
+        from model import resolve_checkpoint  # a training run's folder: its latest checkpoint
+
         kw = {}
-        file = os.path.join(path, "preprocessor_config.json")
+        file = os.path.join(resolve_checkpoint(path), "preprocessor_config.json")
         if os.path.exists(file):
             with open(file) as f:
                 c = json.load(f)

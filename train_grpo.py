@@ -1119,7 +1119,7 @@ def train(args, dctx, reward_fn=None):
                       steps_per_epoch=steps_per_epoch, prompts_per_step=P, group_size=args.group_size,
                       num_records=len(ds), seed=args.seed, total_steps=total_steps, world_size=world,
                       init_model=init_dir, args=vars(args))
-            last_ckpt = train_sft.save_checkpoint(model, optimizer, done, args, st, model_dir, dctx.fsdp, device)
+            last_ckpt = train_sft.save_checkpoint(model, optimizer, done, args, st, model_dir, dctx.fsdp, device, improc)
     pbar.close()
     return {"metrics": history, "checkpoint": last_ckpt, "config": config}
 

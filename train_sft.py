@@ -315,7 +315,7 @@ def resolve_resume(arg: str, out: str) -> str | None:
 
 
 def save_checkpoint(model, optimizer, step: int, args, state: dict, tokenizer_dir: str, use_fsdp: bool,
-                    device) -> str:
+                    device, image_processor=None) -> str:
     """Write OUT/step_N atomically (every rank calls this: the state dicts are gathered collectively)."""
     if use_fsdp:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -341,6 +341,8 @@ def save_checkpoint(model, optimizer, step: int, args, state: dict, tokenizer_di
         for f in TOKENIZER_FILES:
             if os.path.exists(os.path.join(tokenizer_dir, f)):
                 shutil.copy2(os.path.join(tokenizer_dir, f), os.path.join(tmp, f))
+        if image_processor is not None:  # the pixel bounds this run used, for evaluation and RL to match
+            image_processor.save(tmp)
         write_train_state(os.path.join(tmp, "train_state.pt"), dict(state, optimizer=osd, rng=rngs))
         with open(os.path.join(tmp, "run_config.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
@@ -521,7 +523,7 @@ def train(args, rank, world, device, use_fsdp):
                              steps_per_epoch=steps_per_epoch, batch_size=args.batch_size, num_records=len(ds),
                              seed=args.seed, group_by_length=not args.no_group_by_length, total_steps=total_steps,
                              warmup_steps=warmup, world_size=world, args=vars(args))
-                last_ckpt = save_checkpoint(model, optimizer, step, args, state, model_dir, use_fsdp, device)
+                last_ckpt = save_checkpoint(model, optimizer, step, args, state, model_dir, use_fsdp, device, improc)
     finally:
         pbar.close()
     return {"metrics": history, "checkpoint": last_ckpt, "config": config}
