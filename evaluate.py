@@ -69,9 +69,8 @@ REL_TOL = 1e-4  # float answers: relative tolerance ...
 ABS_TOL = 1e-6  # ... and absolute tolerance (also the only one for integers)
 
 # The instruction closing every user turn; training data synthesis reuses these two strings.
-ANSWER_INSTRUCTION = ("Think step by step inside <think> </think> tags, "
-                      "then give the final answer inside <answer> </answer> tags.")
-CHOICE_INSTRUCTION = "For a multiple-choice question, the final answer is the option letter only."
+ANSWER_INSTRUCTION = "Reason inside <think> </think>, then give the final answer inside <answer> </answer>."
+CHOICE_INSTRUCTION = "Answer with the option letter."
 
 
 # ---- answer extraction ----
