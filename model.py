@@ -742,8 +742,9 @@ def sample_next(logits, temperature: float, top_p: float, gen, blocked=None):
 
 def init_weights(model: Qwen2_5_VL, std: float = 0.02, seed: int = 0) -> Qwen2_5_VL:
     """Fresh weights for training from scratch: normal(0, std) matrices and embeddings, zero
-    biases, unit norm weights (the initialisation of the reference)."""
-    g = torch.Generator().manual_seed(seed)
+    biases, unit norm weights (the initialisation of the reference). Runs where the weights are
+    (build the model under `torch.device("cuda")` to initialise a large one on the GPU)."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -751,7 +752,7 @@ def init_weights(model: Qwen2_5_VL, std: float = 0.02, seed: int = 0) -> Qwen2_5
             elif p.ndim == 1:
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+                p.normal_(0.0, std, generator=g)
     return model
 
 

@@ -1066,14 +1066,7 @@ def train(args, dctx, reward_fn=None):
     print0("config: " + json.dumps(config, default=str))
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "run_config.json"), "w") as f:
-            json.dump(config, f, indent=2, default=str)
-        if os.path.exists(metrics_path):  # keep the lines of the steps this run does not redo
-            with open(metrics_path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
+        train_sft.start_run_files(args.out, config, start)
 
     def set_lr(update):
         lr = args.lr * (min(1.0, (update + 1) / args.warmup_steps) if args.warmup_steps > 0 else 1.0)

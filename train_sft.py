@@ -314,6 +314,20 @@ def resolve_resume(arg: str, out: str) -> str | None:
     raise FileNotFoundError(f"--resume {arg}: neither a checkpoint (train_state.pt) nor a run folder with `latest`")
 
 
+def start_run_files(out: str, config: dict, start: int):
+    """Write OUT/run_config.json (the run's full config) and cut OUT/metrics.jsonl back to the
+    steps a resumed run does not redo. Rank 0 only."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "run_config.json"), "w") as f:
+        json.dump(config, f, indent=2, default=str)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+
+
 def save_checkpoint(model, optimizer, step: int, args, state: dict, tokenizer_dir: str, use_fsdp: bool,
                     device, image_processor=None) -> str:
     """Write OUT/step_N atomically (every rank calls this: the state dicts are gathered collectively)."""
@@ -450,14 +464,7 @@ def train(args, rank, world, device, use_fsdp):
     if ckpt is None and os.path.exists(os.path.join(args.out, "latest")):
         print0(f"warning: {args.out} holds checkpoints of an earlier run; this run starts afresh and overwrites them")
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "run_config.json"), "w") as f:
-            json.dump(config, f, indent=2, default=str)
-        if os.path.exists(metrics_path):  # keep the lines of the steps this run does not redo
-            with open(metrics_path) as f:
-                kept = [l for l in f if l.strip() and json.loads(l)["step"] <= start]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
+        start_run_files(args.out, config, start)
 
     # ---- the loop
     use_ctl = args.agto_alpha != 0 or args.agto_beta != 0

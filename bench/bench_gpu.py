@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import Config, Qwen2_5_VL, VisionConfig, vision_windows  # noqa: E402
+from model import Config, Qwen2_5_VL, VisionConfig, init_weights, vision_windows  # noqa: E402
 
 PEAK_BF16 = 989e12  # H200 SXM bf16 dense, spec sheet
 HBM_BW = 4.8e12  # H200 HBM3e, B/s
@@ -223,15 +223,7 @@ def build_ours(cfg: Config, dev, dtype, seed: int) -> Qwen2_5_VL:
             m = Qwen2_5_VL(cfg)
     finally:
         torch.set_default_dtype(old)
-    g = torch.Generator(device=dev).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif p.ndim == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
+    init_weights(m, seed=seed)  # on the device, where the weights are
     return m
 
 
