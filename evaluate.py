@@ -50,7 +50,11 @@ Inputs:
   Bad input raises ValueError naming the file and the row (TSV: data rows counted from 1 after
   the header) or line (jsonl).
 
-The evaluation loop (batched generation, VAS, sweeps) follows the marker at the end of the file.
+The evaluation loop (batched generation, VAS, sweeps) follows the marker further down. Run:
+
+    python evaluate.py --model DIR --bench MathVista_MINI.tsv my.jsonl --out results/
+    python evaluate.py --model DIR --bench b.tsv --out sweep/ --a-img 0 0.15 --a-sys 0 0.05 0.4
+    python evaluate.py --correlate ckpt1/predictions/*.jsonl ckpt2/predictions/*.jsonl --out corr/
 """
 
 import base64
