@@ -975,7 +975,8 @@ def pearson_p(r: float, n: int) -> float | None:
 
 def correlate(paths) -> dict:
     """Accuracy and mean VAS of each predictions file (e.g. one per checkpoint), and Pearson r (with p)
-    between them across the files. A file with no VAS is listed but left out of r."""
+    between them across the files. A file with no VAS, or an infinite one (a model that puts no
+    attention at all on the system turn), is listed but left out of r."""
     files = []
     for path in paths:
         preds = read_predictions(path)
@@ -984,7 +985,7 @@ def correlate(paths) -> dict:
         row = summarize(preds)
         row["file"] = str(path)
         files.append(row)
-    used = [f for f in files if f["mean_vas"] is not None]
+    used = [f for f in files if f["mean_vas"] is not None and math.isfinite(f["mean_vas"])]
     result = pearson([f["mean_vas"] for f in used], [f["accuracy"] for f in used])
     result["files"] = files
     return result

@@ -73,11 +73,11 @@ def main():
     chance = json.load(open(os.path.join(toy, "toy_world.json")))["chance"]
     lines = ["| model | setting | n | accuracy | VAS |", "|---|---|---|---|---|"]
     for name, r in rows:
-        vas = "-" if r.get("mean_vas") is None else f"{r['mean_vas']:.3f}"
-        lines.append(f"| {name} | {r['setting']} | {r['n']} | {100 * r['accuracy']:.1f}% | {vas} |")
+        vas = "-" if r.get("mean_vas") is None else f"{r['mean_vas']:.4g}"
+        lines.append(f"| {name} | {r['setting']} | {r['n']} | {r['accuracy']:.1f}% | {vas} |")
     lines.append("")
     lines.append(f"Chance accuracy on the held-out split: {100 * chance:.1f}%. Pearson r between VAS and accuracy "
-                 f"over the {corr.get('n')} result files: {corr.get('r')} (p = {corr.get('p')}).")
+                 f"over the {corr.get('n')} result files with a finite VAS: {corr.get('r')} (p = {corr.get('p')}).")
     table = "\n".join(lines)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table + "\n")
