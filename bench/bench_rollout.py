@@ -3,8 +3,10 @@
     python bench/bench_rollout.py [--prompts 8 --group-size 4 --new-tokens 32 --reps 3]
 
 The same random weights (a small Qwen2.5-VL written by transformers, loaded by model.from_pretrained)
-and the same rollout batch as train_grpo.py builds it: `--prompts` prompts with one image each
-(four image sizes), each repeated `--group-size` times, left-padded. Sampling at temperature 1,
+and the same rollout as train_grpo.py samples it: `--prompts` prompts with one image each (four
+image sizes), `--group-size` samples each; ours prefills each prompt once and copies its KV cache
+(generate's num_samples), transformers gets each prompt repeated G times (what
+num_return_sequences does too), left-padded. Sampling at temperature 1,
 top-p 1 (transformers: top_k 0, so both draw from the full distribution), exactly `--new-tokens`
 new tokens per row (no stop token: ours with stop_ids=(), transformers with eos_token_id=None and
 min_new_tokens), KV cache on both sides. Prints the median over interleaved repetitions of each
@@ -70,10 +72,16 @@ def main():
     mm = (ids == IMG).int()
     n_new, B = args.new_tokens, ids.shape[0]
 
+    G = args.group_size
+    unique = prompts[::G]  # as train_grpo.py samples: each prompt prefilled once, its cache copied G times
+    per_row = grid.prod(-1).tolist()
+    starts = [sum(per_row[:i]) for i in range(len(per_row))]
+    pv_unique = torch.cat([pv[starts[i]:starts[i] + per_row[i]] for i in range(0, B, G)])
+
     def gen_ours(seed):
-        toks, lens = ours.generate(prompts, pv, grid, max_new_tokens=n_new, temperature=1.0, top_p=1.0,
-                                   seed=seed, stop_ids=(), pad_id=PAD)
-        assert int(lens.min()) == n_new
+        toks, lens = ours.generate(unique, pv_unique, grid[::G], max_new_tokens=n_new, temperature=1.0, top_p=1.0,
+                                   seed=seed, stop_ids=(), pad_id=PAD, num_samples=G)
+        assert int(lens.min()) == n_new and toks.shape[0] == B
 
     def gen_hf(seed):
         torch.manual_seed(seed)
