@@ -1016,12 +1016,7 @@ def train(args, dctx, reward_fn=None):
         raise ValueError(f"{args.data}: {len(ds)} prompts, fewer than one batch of --prompts-per-step {P}")
     total_steps = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * steps_per_epoch))
 
-    model = from_pretrained(model_dir, dtype=torch.float32, device=device)
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens, the model's embedding {model.cfg.vocab_size}")
-    model.set_gradient_checkpointing(args.grad_ckpt)
-    if args.freeze_vision:
-        model.visual.requires_grad_(False)
+    model = train_sft.load_for_training(model_dir, tok, device, args.grad_ckpt, args.freeze_vision)
     n_params = sum(p.numel() for p in model.parameters())
     ref_model = None
     if args.kl_coef > 0:  # the frozen initial policy (also after a resume)

@@ -314,6 +314,18 @@ def resolve_resume(arg: str, out: str) -> str | None:
     raise FileNotFoundError(f"--resume {arg}: neither a checkpoint (train_state.pt) nor a run folder with `latest`")
 
 
+def load_for_training(model_dir: str, tok, device, grad_ckpt: bool, freeze_vision: bool):
+    """float32 master weights on `device`, checked against the tokenizer, with activation
+    checkpointing and a frozen vision tower as asked (shared by SFT and GRPO)."""
+    model = from_pretrained(model_dir, dtype=torch.float32, device=device)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens, the model's embedding {model.cfg.vocab_size}")
+    model.set_gradient_checkpointing(grad_ckpt)
+    if freeze_vision:
+        model.visual.requires_grad_(False)
+    return model
+
+
 def start_run_files(out: str, config: dict, start: int):
     """Write OUT/run_config.json (the run's full config) and cut OUT/metrics.jsonl back to the
     steps a resumed run does not redo. Rank 0 only."""
@@ -422,12 +434,7 @@ def train(args, rank, world, device, use_fsdp):
     warmup = math.ceil(args.warmup_ratio * total_steps)
 
     # ---- model: float32 master weights; FSDP2 shards them, bf16 autocast without FSDP
-    model = from_pretrained(model_dir, dtype=torch.float32, device=device)
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens, the model's embedding {model.cfg.vocab_size}")
-    model.set_gradient_checkpointing(args.grad_ckpt)
-    if args.freeze_vision:
-        model.visual.requires_grad_(False)
+    model = load_for_training(model_dir, tok, device, args.grad_ckpt, args.freeze_vision)
     n_params = sum(p.numel() for p in model.parameters())
     if use_fsdp:
         shard_model(model, compute_dtype)
