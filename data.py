@@ -778,7 +778,7 @@ def make_toy_problem(rng, family, image_size=56):
     facts = {"family": family, "size": size}
 
     if family in ("color", "shape"):
-        r = rng.randint(max(6, size // 8), size // 5)
+        r = rng.randint(size // 4, size // 3)  # large: the colour must dominate its image tokens
         s = _shape(rng.choice(TOY_SHAPES), rng.choice(colors),
                    rng.randint(r + 1, size - r - 2), rng.randint(r + 1, size - r - 2), r)
         facts["shapes"] = [s]
