@@ -163,12 +163,30 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear, except that a product with 2 to 8 rows on a CPU (a decode step) is computed as
+    (W @ x^T)^T. Same maths, but MKL streams the weight 1.3-4x faster this way round at those row
+    counts (`python bench/bench_model.py --matmul` prints the table; 1 row is a matrix-vector
+    product either way). Results may differ from F.linear in the last bits (another summation
+    order), so training and prefill, which have many rows, keep F.linear."""
+
+    thin_rows = 8
+
+    def forward(self, x):
+        rows = x.numel() // x.shape[-1]
+        if x.device.type != "cpu" or not 1 < rows <= self.thin_rows:
+            return F.linear(x, self.weight, self.bias)
+        # contiguous: SDPA's fast CPU kernel and the next thin product want row-major inputs
+        y = (self.weight @ x.reshape(rows, -1).T).T.contiguous().reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int, bias: bool):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.gate_proj = Linear(dim, hidden, bias=bias)
+        self.up_proj = Linear(dim, hidden, bias=bias)
+        self.down_proj = Linear(hidden, dim, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -199,6 +217,8 @@ def attention_probs(q, k, allowed, scale: float, key_scale=None):
 def attend(q, k, v, allowed, scale: float, impl: str, key_scale=None, is_causal=False):
     """Attention output (B, H, Tq, d). `impl`: "eager" (explicit, via attention_probs) or "sdpa".
 
+    q (B, H, Tq, d); k, v (B, H, Tk, d), or for "sdpa" also (B, KV, Tk, d) with H a multiple of KV
+    (grouped-query attention: KV head j serves query heads j*H/KV .. (j+1)*H/KV - 1).
     Because Z = q.k * scale, multiplying the logits of key j by c equals multiplying k_j by c: the
     SDPA path applies the intervention to the keys and runs the fused kernel unchanged.
     """
@@ -206,9 +226,10 @@ def attend(q, k, v, allowed, scale: float, impl: str, key_scale=None, is_causal=
         return torch.matmul(attention_probs(q, k, allowed, scale, key_scale), v)
     if key_scale is not None:
         k = k * key_scale[:, None, :, None].to(k.dtype)
+    gqa = k.shape[1] != q.shape[1]  # k, v hold one head per query group
     if is_causal:  # no padding, no cache: let the kernel build the causal mask itself
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,10 +418,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, allowed, impl, cache=None, attn_ctl=None, is_causal=False):
         B, T, _ = x.shape
@@ -412,9 +433,11 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:  # write this step's keys/values, attend over the whole static buffer
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, d)
-        rep = self.n_heads // self.n_kv  # grouped-query attention: each KV head serves `rep` query heads
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
+        # Grouped-query attention: each KV head serves `rep` query heads. SDPA reads the shared heads
+        # itself (enable_gqa, same numbers); the explicit maths and the statistics get one key per head.
+        if impl == "eager" or attn_ctl is not None:
+            rep = self.n_heads // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         key_scale = attn_ctl.key_scale(self.layer_idx) if attn_ctl is not None else None
         out = attend(q, k, v, allowed, self.head_dim ** -0.5, impl, key_scale, is_causal and key_scale is None)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), (q, k, key_scale)
@@ -552,7 +575,7 @@ class Qwen2_5_VL(nn.Module):
         self.cfg = cfg
         self.visual = VisionTower(cfg.vision)
         self.model = TextModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.attn_impl = "sdpa"  # "eager": the explicit attention_probs path; "sdpa": fused kernel

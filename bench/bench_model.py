@@ -1,6 +1,7 @@
 """This model against transformers on the same random weights and inputs, on this machine.
 
     python bench/bench_model.py [--hidden 512 --layers 8 --reps 7]
+    python bench/bench_model.py --matmul     # why decode-step products are computed as W @ x^T
 
 Times (median of interleaved repetitions, so machine drift hits both sides alike):
   prefill   one forward over a batch of 4 prompts with images
@@ -67,6 +68,29 @@ def timed(fn):
     return time.perf_counter() - t
 
 
+def bench_matmul(hidden, layers, reps):
+    """F.linear against the thin product W @ x^T (model.Linear) on a decode step's weights, at 1 to
+    16 rows; each weight matrix is repeated to ~100 MB so that it streams from memory as in a model."""
+    import torch.nn.functional as F
+    heads = hidden // 64
+    kv = max(1, heads // 4) * 64
+    shapes = {"q/o_proj": (hidden, hidden), "k/v_proj": (kv, hidden), "gate/up_proj": (3 * hidden, hidden),
+              "down_proj": (hidden, 3 * hidden), "lm_head": (4096, hidden)}
+    print(f"{'weight (out x in)':26s} {'rows':>4s} {'F.linear ms':>12s} {'W @ x^T ms':>11s} {'speed-up':>9s}")
+    for name, (n, k) in shapes.items():
+        ws = [torch.randn(n, k) for _ in range(max(1, 25_000_000 // (n * k)))]
+        for rows in (1, 2, 4, 8, 16):
+            x = torch.randn(rows, k)
+            a = lambda: [F.linear(x, w) for w in ws]  # noqa: E731
+            b = lambda: [(w @ x.T).T.contiguous() for w in ws]  # noqa: E731
+            a(); b()
+            ta, tb = [], []
+            for _ in range(reps):
+                ta.append(timed(a)); tb.append(timed(b))
+            ma, mb = statistics.median(ta), statistics.median(tb)
+            print(f"{name + f' {n}x{k}':26s} {rows:4d} {1e3 * ma:12.2f} {1e3 * mb:11.2f} {ma / mb:8.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=512)
@@ -75,8 +99,11 @@ def main():
     ap.add_argument("--vision-depth", type=int, default=4)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--matmul", action="store_true", help="time only F.linear vs W @ x^T on the decode shapes")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.matmul:
+        return bench_matmul(args.hidden, args.layers, args.reps)
     with tempfile.TemporaryDirectory() as d:
         hf = build(args.hidden, args.layers, args.vision_hidden, args.vision_depth, d)
         ours = from_pretrained(d, dtype=torch.float32).eval()

@@ -54,3 +54,43 @@ def test_compiled_decode_step_is_one_graph_and_equals_eager(hf_untied):
     t1, l1 = m.generate(prompts, pv, grids, max_new_tokens=8, stop_ids=stop, pad_id=256)
     t2, l2 = m.generate(prompts, pv, grids, max_new_tokens=8, stop_ids=stop, pad_id=256, compile=True)
     assert torch.equal(t1, t2) and torch.equal(l1, l2)
+
+
+def test_thin_product_linear_equals_f_linear():
+    """Few-row products (decode steps) go through W @ x^T: equal to F.linear up to summation order,
+    contiguous, and taken only for 2..thin_rows rows."""
+    import torch.nn.functional as F
+    from model import Linear
+    torch.manual_seed(0)
+    for bias in (True, False):
+        lin = Linear(96, 160, bias=bias)
+        for shape in [(1, 1, 96), (4, 1, 96), (2, 3, 96), (8, 96), (9, 96), (3, 40, 96)]:
+            x = torch.randn(shape)
+            y, ref = lin(x), F.linear(x, lin.weight, lin.bias)
+            assert y.shape == ref.shape and y.is_contiguous()
+            assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+            rows = x.numel() // 96
+            if 1 < rows <= Linear.thin_rows:  # the thin product, exactly
+                thin = (lin.weight @ x.reshape(rows, 96).T).T.reshape(ref.shape)
+                assert torch.equal(y, thin if lin.bias is None else thin + lin.bias)
+            else:
+                assert torch.equal(y, ref)
+
+
+def test_sdpa_reads_grouped_kv_heads_like_expanded_ones():
+    """The SDPA path gives K/V heads shared by query groups (enable_gqa) without expanding them:
+    bitwise the same as expanding each KV head to its group, and equal to the explicit maths."""
+    from model import attend
+    torch.manual_seed(0)
+    B, H, KV, T, d = 2, 6, 2, 9, 8
+    q, k, v = torch.randn(B, H, T, d), torch.randn(B, KV, T, d), torch.randn(B, KV, T, d)
+    allowed = (torch.arange(T)[None, :] <= torch.arange(T)[:, None])[None, None].repeat(B, 1, 1, 1)
+    allowed[0, :, :, :2] = False  # left padding in row 0 (the diagonal stays allowed)
+    allowed[0, :, torch.arange(T), torch.arange(T)] = True
+    ke, ve = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
+    for is_causal, mask in ((False, allowed), (True, None)):
+        grouped = attend(q, k, v, mask, d ** -0.5, "sdpa", is_causal=is_causal)
+        expanded = attend(q, ke, ve, mask, d ** -0.5, "sdpa", is_causal=is_causal)
+        assert torch.equal(grouped, expanded)
+    eager = attend(q, ke, ve, allowed, d ** -0.5, "eager")
+    assert (attend(q, k, v, allowed, d ** -0.5, "sdpa") - eager).abs().max() < 1e-5
