@@ -217,16 +217,21 @@ def attention_probs(q, k, allowed, scale: float, key_scale=None):
 def attend(q, k, v, allowed, scale: float, impl: str, key_scale=None, is_causal=False):
     """Attention output (B, H, Tq, d). `impl`: "eager" (explicit, via attention_probs) or "sdpa".
 
-    q (B, H, Tq, d); k, v (B, H, Tk, d), or for "sdpa" also (B, KV, Tk, d) with H a multiple of KV
-    (grouped-query attention: KV head j serves query heads j*H/KV .. (j+1)*H/KV - 1).
+    q (B, H, Tq, d); k, v (B, KV, Tk, d) with H a multiple of KV (grouped-query attention: KV head j
+    serves query heads j*H/KV .. (j+1)*H/KV - 1).
     Because Z = q.k * scale, multiplying the logits of key j by c equals multiplying k_j by c: the
     SDPA path applies the intervention to the keys and runs the fused kernel unchanged.
     """
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1 and (impl == "eager" or (q.device.type != "cpu" and not is_causal)):
+        # One key per query head for the explicit maths, and for masked GPU calls: there only flash
+        # attention (which takes no mask) reads grouped heads itself; SDPA's CPU kernels always do.
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if impl == "eager":
         return torch.matmul(attention_probs(q, k, allowed, scale, key_scale), v)
     if key_scale is not None:
         k = k * key_scale[:, None, :, None].to(k.dtype)
-    gqa = k.shape[1] != q.shape[1]  # k, v hold one head per query group
+    gqa = k.shape[1] != q.shape[1]
     if is_causal:  # no padding, no cache: let the kernel build the causal mask itself
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
@@ -433,13 +438,10 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:  # write this step's keys/values, attend over the whole static buffer
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, d)
-        # Grouped-query attention: each KV head serves `rep` query heads. SDPA reads the shared heads
-        # itself (enable_gqa, same numbers); the explicit maths and the statistics get one key per head.
-        if impl == "eager" or attn_ctl is not None:
-            rep = self.n_heads // self.n_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         key_scale = attn_ctl.key_scale(self.layer_idx) if attn_ctl is not None else None
         out = attend(q, k, v, allowed, self.head_dim ** -0.5, impl, key_scale, is_causal and key_scale is None)
+        if attn_ctl is not None:  # the statistics see one key per query head
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), (q, k, key_scale)
 
 

@@ -88,9 +88,10 @@ def test_sdpa_reads_grouped_kv_heads_like_expanded_ones():
     allowed[0, :, :, :2] = False  # left padding in row 0 (the diagonal stays allowed)
     allowed[0, :, torch.arange(T), torch.arange(T)] = True
     ke, ve = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
-    for is_causal, mask in ((False, allowed), (True, None)):
+    for is_causal, mask in ((False, allowed), (True, None)):  # (CPU: SDPA reads grouped heads either way)
         grouped = attend(q, k, v, mask, d ** -0.5, "sdpa", is_causal=is_causal)
         expanded = attend(q, ke, ve, mask, d ** -0.5, "sdpa", is_causal=is_causal)
         assert torch.equal(grouped, expanded)
     eager = attend(q, ke, ve, allowed, d ** -0.5, "eager")
+    assert torch.equal(attend(q, k, v, allowed, d ** -0.5, "eager"), eager)  # expands grouped heads itself
     assert (attend(q, k, v, allowed, d ** -0.5, "sdpa") - eager).abs().max() < 1e-5
