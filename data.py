@@ -17,7 +17,8 @@ The toy world and the data synthesis (the end of this file):
 
     Part 1, the toy world. Small flat drawings (56x56 by default: 2x2 merged vision tokens of 28 px)
     with short questions whose answers need the image, so that a tiny Qwen2.5-VL-shaped model with a
-    byte tokenizer can be trained from scratch on 2 CPU cores in minutes and scored above chance.
+    byte-level BPE tokenizer learned from the toy texts (`make_toy_model`) can be trained from
+    scratch on 2 CPU cores in minutes and scored above chance.
     Families (answer space, chance):
         color  open  "What color is the shape?"            red/green/blue/yellow/purple   1/5
         shape  MC    "What shape is shown?" + 3 options     option letter                  1/3
@@ -26,7 +27,7 @@ The toy world and the data synthesis (the end of this file):
         bars   MC    "Which bar is taller?" + 2 options     option letter                  1/2
     Every problem is a pure function of its seed; sft, rl and eval use disjoint seeds, and an eval
     problem whose (pixels, question) pair also occurs in sft or rl is redrawn. SFT responses are
-    `<think>...</think><answer>X</answer>` under 200 characters (a character is a token): they cite
+    `<think>...</think><answer>X</answer>` under 200 characters (~30 toy tokens): they cite
     what they see ("I see a red square.") and re-check the image ("Looking at the image again, ...").
     The text-only variant keeps the same question and reasoning without the image (the paper's
     text-only cold-start, section 2).
