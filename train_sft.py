@@ -529,7 +529,11 @@ def train(args, rank, world, device, use_fsdp):
             if rank == 0:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-                pbar.set_postfix(loss=f"{total:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                # the LM loss first: the objective's terms are logs of attention masses (the
+                # suppress term is negative), so the total alone does not show learning
+                terms = dict(enhance=f"{enhance:.3f}", suppress=f"{suppress:.2f}") if use_ctl else {}
+                pbar.set_postfix(lm_loss=f"{lm_loss:.4f}", **terms, lr=f"{row['lr']:.2e}",
+                                 tok_s=f"{row['tokens_per_s']:.0f}")
                 pbar.update(1)
 
             if step == total_steps or (args.save_every > 0 and step % args.save_every == 0):
