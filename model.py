@@ -167,8 +167,9 @@ class Linear(nn.Linear):
     """nn.Linear, except that a product with 2 to 8 rows on a CPU (a decode step) is computed as
     (W @ x^T)^T. Same maths, but MKL streams the weight faster this way round: 1.4-4.9x at 2 and
     4 rows, 0.8-1.5x per matrix (a gain over a whole layer) at 8, no difference at 1 (a
-    matrix-vector product either way) or 16 (`python bench/bench_model.py --matmul`). Results may differ from F.linear in the last bits (another summation
-    order), so training and prefill, which have many rows, keep F.linear."""
+    matrix-vector product either way) or 16 (`python bench/bench_model.py --matmul`). Results may
+    differ from F.linear in the last bits (another summation order), so training and prefill, which
+    have many rows, keep F.linear."""
 
     thin_rows = 8
 
