@@ -439,10 +439,12 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:  # write this step's keys/values, attend over the whole static buffer
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, d)
-        key_scale = attn_ctl.key_scale(self.layer_idx) if attn_ctl is not None else None
+        key_scale = None
+        if attn_ctl is not None:  # the statistics see one key per query head: expand once, for both
+            rep = self.n_heads // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            key_scale = attn_ctl.key_scale(self.layer_idx)
         out = attend(q, k, v, allowed, self.head_dim ** -0.5, impl, key_scale, is_causal and key_scale is None)
-        if attn_ctl is not None:  # the statistics see one key per query head
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), (q, k, key_scale)
 
 

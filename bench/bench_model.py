@@ -68,7 +68,7 @@ def timed(fn):
     return time.perf_counter() - t
 
 
-def bench_matmul(hidden, layers, reps):
+def bench_matmul(hidden, reps):
     """F.linear against the thin product W @ x^T (model.Linear) on a decode step's weights, at 1 to
     16 rows; each weight matrix is repeated to ~100 MB so that it streams from memory as in a model."""
     import torch.nn.functional as F
@@ -103,7 +103,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     if args.matmul:
-        return bench_matmul(args.hidden, args.layers, args.reps)
+        return bench_matmul(args.hidden, args.reps)
     with tempfile.TemporaryDirectory() as d:
         hf = build(args.hidden, args.layers, args.vision_hidden, args.vision_depth, d)
         ours = from_pretrained(d, dtype=torch.float32).eval()
