@@ -991,7 +991,7 @@ def toy_corpus(toy_dir):
 def make_toy_model(out_dir, seed=0, corpus=None):
     """A randomly initialised tiny Qwen2.5-VL folder in the hub layout (config.json,
     model.safetensors, tokenizer.json, preprocessor_config.json). Its tokenizer is a byte-level
-    BPE with merges learned from `corpus` (toy_corpus: ~170 merges, whole words, sequences ~4x
+    BPE with merges learned from `corpus` (toy_corpus: ~170 merges, whole words, records ~3x
     shorter than bytes) followed by Qwen's special tokens; the vocabulary is padded to a multiple
     of 16 as Qwen pads its own. Every script loads it exactly as it loads Qwen2.5-VL-7B."""
     from model import Config, Qwen2_5_VL, VisionConfig, init_weights, save_pretrained
