@@ -633,13 +633,23 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         """Record i as tensors: input_ids, labels, roles (T,), pixel_values (N, 1176) or None,
-        image_grid_thw (n, 3) or None. Images are decoded here, not before."""
+        image_grid_thw (n, 3) or None. Images are decoded here, not before.
+
+        An image that passed the header check but does not decode now (a truncated file, one
+        changed or removed since validation) gives {"index": i, "error": message naming the record
+        and the file} instead of an exception: raised inside a data-loader worker, it would end the
+        run with the worker's traceback. `collate` leaves such records out and lists them in the
+        batch's "skipped"; the training loop then skips and counts them or stops."""
         rec = self.records[i]
-        pixel_values, grid = self.improc(rec.images) if rec.images else (None, None)
+        try:
+            pixel_values, grid = self.improc(rec.images) if rec.images else (None, None)
+        except (ValueError, OSError) as e:  # load_image: missing, empty or undecodable file
+            return {"index": i, "error": f"{rec.where}: {e}"}
         n_tok = (grid.prod(-1) // self.improc.merge ** 2).tolist() if grid is not None else []
         out = encode_chat(self.tok, rec.messages, n_tok)
         if len(out["input_ids"]) != self.lengths[i]:  # an image changed on disk since validation
-            raise DataError(f"{rec.where}: {len(out['input_ids'])} tokens now, {self.lengths[i]} at validation")
+            return {"index": i, "error": f"{rec.where}: {len(out['input_ids'])} tokens now, {self.lengths[i]} at "
+                                         f"validation (an image changed on disk: {', '.join(rec.images)})"}
         out.update(pixel_values=pixel_values, image_grid_thw=grid, index=i)
         return out
 
@@ -689,7 +699,18 @@ def micro_batches(batch: list[int], micro_batch: int, rank: int = 0, world_size:
 def collate(samples: list[dict], pad_id: int) -> dict:
     """Right-pad a micro-batch: input_ids (B, T) with pad_id, attention_mask (B, T) 0 on padding,
     labels (B, T) with IGNORE, roles (B, T) with PAD_ROLE; pixel_values (N, 1176) and image_grid_thw
-    (n, 3) of the batch's images in row order (None if none). Labels are not shifted here."""
+    (n, 3) of the batch's images in row order (None if none). Labels are not shifted here.
+
+    Records that failed to load (SFTDataset.__getitem__'s {"index", "error"}) are left out and
+    listed in "skipped" as (index, message). When all of them failed, the batch is one padding
+    token with no label ("empty": True): it trains nothing, but every process still runs the same
+    forward and backward passes (under FSDP they are collectives)."""
+    skipped = [(s["index"], s["error"]) for s in samples if "error" in s]
+    samples = [s for s in samples if "error" not in s]
+    empty = not samples
+    if empty:
+        samples = [{"input_ids": torch.tensor([pad_id]), "labels": torch.tensor([IGNORE]),
+                    "roles": torch.tensor([USER])}]
     B, T = len(samples), max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(B, T, dtype=torch.long)
@@ -703,7 +724,7 @@ def collate(samples: list[dict], pad_id: int) -> dict:
     grid = [s["image_grid_thw"] for s in samples if s.get("image_grid_thw") is not None]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "roles": roles,
             "pixel_values": torch.cat(pv) if pv else None, "image_grid_thw": torch.cat(grid) if grid else None,
-            "index": [s.get("index") for s in samples]}
+            "index": [] if empty else [s.get("index") for s in samples], "skipped": skipped, "empty": empty}
 
 
 log = logging.getLogger("synthesis")

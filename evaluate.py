@@ -610,7 +610,7 @@ import os  # noqa: E402
 
 import torch  # noqa: E402
 
-from data import PAD_ROLE, ImageProcessor, Tokenizer, encode_chat  # noqa: E402
+from data import PAD_ROLE, DataError, ImageProcessor, Tokenizer, encode_chat  # noqa: E402
 from model import from_pretrained  # noqa: E402
 from vas import Intervention, measure_vas, parse_layers  # noqa: E402
 from vas import vas as vas_of_stats  # noqa: E402
@@ -759,7 +759,8 @@ def _check_same_run(path, pred: dict, setting: dict, config: dict) -> None:
 def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: list[dict], out_path: str | Path, *,
                        setting: Setting = Setting(), batch_size: int = 8, max_new_tokens: int = 512,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, vas: bool = True,
-                       vas_layers=None, progress: bool = True, on_batch=None, compile: bool = False) -> dict:
+                       vas_layers=None, progress: bool = True, on_batch=None, compile: bool = False,
+                       skip_bad: bool = False) -> dict:
     """Answer `records` (one benchmark) with `model` and grade them; returns the summary row.
 
     Predictions go to `out_path` (a jsonl, appended batch by batch; ids already there are skipped).
@@ -767,6 +768,10 @@ def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: lis
     grade, and measure VAS on the prompts (user-turn queries, the same intervention) unless `vas` is
     False. Sampling (temperature > 0) draws from seed + the batch's first record index, so a resumed
     run repeats the batches it had not finished. on_batch(preds) is called after each batch is written.
+
+    A question whose image passed the reader's check but does not decode (a truncated file) stops
+    the run with DataError naming it (the predictions written so far are kept, a rerun continues);
+    with skip_bad it is left out, logged and counted in the row's "skipped" (a rerun tries it again).
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -789,10 +794,26 @@ def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: lis
         bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"{name} [{setting.tag}]",
                    unit="q", dynamic_ncols=True)
     stop_ids = list(tok.stop_ids)
+    skipped = []
     with open(out_path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            encs = [encode_record(tok, proc, r) for _, r in chunk]
+            chunk, encs = [], []
+            for i, rec in todo[start:start + batch_size]:
+                try:
+                    encs.append(encode_record(tok, proc, rec))
+                    chunk.append((i, rec))
+                except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three on bad data
+                    files = ", ".join(str(p) for p in rec["images"] if isinstance(p, Path)) or "base64 cell"
+                    err = f"{rec.get('benchmark')}: id {rec['id']!r}: cannot decode image ({files}): {e}"
+                    if not skip_bad:
+                        raise DataError(f"{err}; the predictions so far are kept in {out_path} (a rerun "
+                                        f"continues; --skip-bad skips such questions)") from None
+                    skipped.append(rec["id"])
+                    (bar.write if bar is not None else print)(f"skipped (--skip-bad): {err}")
+                    if bar is not None:
+                        bar.update(1)
+            if not chunk:
+                continue
             pixel_values, grids = _concat_images(encs)
             dev = next(model.parameters()).device
             if pixel_values is not None:
@@ -828,9 +849,9 @@ def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: lis
                 on_batch(preds)
     if bar is not None:
         bar.close()
-    row = summarize([done[i] for i in ids])
+    row = summarize([done[i] for i in ids if i in done])
     row.update(benchmark=records[0].get("benchmark") if records else out_path.stem, setting=setting.tag,
-               predictions=str(out_path))
+               predictions=str(out_path), skipped=len(skipped))
     return row
 
 
@@ -1031,6 +1052,8 @@ def parse_args(argv=None):
                     help="instead of evaluating: Pearson r between mean VAS and accuracy across these files")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (worth it on a GPU)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--skip-bad", action="store_true",
+                    help="skip (and count) questions whose image fails to decode, instead of stopping")
     args = ap.parse_args(argv)
     if args.correlate is None:
         missing = [f"--{k}" for k in ("model", "bench", "out") if not getattr(args, k)]
@@ -1073,11 +1096,14 @@ def main(argv=None):
     rows = evaluate(model, tok, proc, benchmarks, out, settings, limit=args.limit, batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     seed=args.seed, vas=not args.no_vas, vas_layers=vas_layers,
-                    progress=not args.no_progress, compile=args.compile)
+                    progress=not args.no_progress, compile=args.compile, skip_bad=args.skip_bad)
     table = write_summary(rows, out, config=config)
     print(table, end="")
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as e:  # an image that fails to decode mid-run: one message, no traceback
+        raise SystemExit(f"error: {e}") from None

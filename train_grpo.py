@@ -440,7 +440,7 @@ class PromptDataset:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: data file does not exist")
         self.path, self.tok, self.improc = path, tok, improc
-        self.records, self.lengths, errors = [], [], []
+        self.records, self.lengths, self.where, errors = [], [], [], []
         self.stats = {"lines": 0, "kept": 0, "bad": 0, "too_long": 0, "with_images": 0, "text_only": 0}
         base = os.path.dirname(os.path.abspath(path))
         sizes = {}
@@ -479,6 +479,7 @@ class PromptDataset:
                     continue
                 self.records.append(record)
                 self.lengths.append(length)
+                self.where.append(where)
         self.errors = errors
         self.stats["kept"] = len(self.records)
         self.stats["with_images"] = sum(bool(r["images"]) for r in self.records)
@@ -506,8 +507,14 @@ class PromptDataset:
         return len(self.records)
 
     def __getitem__(self, i):
-        """Record i encoded for generation: input_ids, roles (T,), pixel_values, image_grid_thw, record."""
-        enc = evaluate.encode_record(self.tok, self.improc, self.records[i])
+        """Record i encoded for generation: input_ids, roles (T,), pixel_values, image_grid_thw, record.
+        An image that passed the header check but does not decode (a truncated file) raises
+        DataError naming the line and the file."""
+        try:
+            enc = evaluate.encode_record(self.tok, self.improc, self.records[i])
+        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three on bad data
+            files = ", ".join(map(str, self.records[i]["images"]))
+            raise DataError(f"{self.where[i]}: cannot decode image {files} ({e})") from None
         enc["record"] = self.records[i]
         return enc
 
@@ -1069,15 +1076,40 @@ def train(args, dctx, reward_fn=None):
             g["lr"] = lr
         return lr
 
+    def train_state(done):
+        return dict(step=done, epoch=done // steps_per_epoch, batch_in_epoch=done % steps_per_epoch,
+                    steps_per_epoch=steps_per_epoch, prompts_per_step=P, group_size=args.group_size,
+                    num_records=len(ds), seed=args.seed, total_steps=total_steps, world_size=world,
+                    init_model=init_dir, args=vars(args))
+
     pbar = tqdm(total=total_steps, initial=start, disable=rank != 0, dynamic_ncols=True, desc="grpo")
-    history, share = [], P // world
+    history, share, skipped = [], P // world, 0  # skipped: prompts that failed to load, this process's run
     for step in range(start, total_steps):
         t0 = time.time()
         epoch, k = divmod(step, steps_per_epoch)
         batch = epoch_batches(ds.lengths, P, args.seed, epoch, group_by_length=False)[k]
         mine = batch[rank * share:(rank + 1) * share]
-        encs = [ds[i] for i in mine]
-        group_ids = [step * P + rank * share + j for j in range(share)]  # exact, unique in the step
+        encs, group_ids, bad = [], [], []
+        for j, i in enumerate(mine):
+            try:
+                encs.append(ds[i])
+                group_ids.append(step * P + rank * share + j)  # exact, unique in the step
+            except DataError as e:  # an image that does not decode: the same ones on every run
+                bad.append(str(e))
+        n_bad = int(dctx.sum([float(len(bad))])[0])
+        if n_bad and not args.skip_bad:
+            if step > 0 and last_ckpt != os.path.join(args.out, f"step_{step}"):
+                last_ckpt = train_sft.save_checkpoint(model, optimizer, step, args, train_state(step), model_dir,
+                                                      dctx.fsdp, device, improc)
+            kept = f"saved {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+            raise DataError(f"step {step + 1}: {bad[0] if bad else 'a prompt on another process failed to load'}; "
+                            f"stopped before the rollout, {kept}. Fix the file and --resume, or --resume "
+                            f"--skip-bad to skip such prompts")
+        for err in bad:
+            pbar.write(f"skipped (--skip-bad): {err}")
+        skipped += n_bad
+        if not encs:
+            raise DataError(f"step {step + 1}: every prompt of this process failed to load ({bad[0]})")
         lrs = [set_lr(step * args.ppo_epochs)]
         m, _ = grpo_step(model, optimizer, tok, encs, group_ids, args, dctx, step, ref_model=ref_model,
                          reward_fn=reward_fn, autocast=autocast,
@@ -1087,7 +1119,7 @@ def train(args, dctx, reward_fn=None):
             raise train_sft.NonFiniteLoss(f"step {step + 1}: non-finite loss {m.get('loss')} or grad norm "
                                           f"{m.get('grad_norm')}; stopped before the update; {where}")
         row = dict(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 4), lr=lrs[-1] if lrs else None, **m,
-                   step_time=time.time() - t0)
+                   skipped=n_bad, step_time=time.time() - t0)
         if args.checksum:
             sums = [None] * world if dctx.fsdp else None
             mine_sum = weights_checksum(model, dctx.fsdp)
@@ -1099,18 +1131,19 @@ def train(args, dctx, reward_fn=None):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             pbar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}",
-                             len=f"{row['response_length']:.0f}")
+                             len=f"{row['response_length']:.0f}", **({"skipped": skipped} if skipped else {}))
             pbar.update(1)
         done = step + 1
         if done == total_steps or (args.save_every > 0 and done % args.save_every == 0):
-            st = dict(step=done, epoch=done // steps_per_epoch, batch_in_epoch=done % steps_per_epoch,
-                      steps_per_epoch=steps_per_epoch, prompts_per_step=P, group_size=args.group_size,
-                      num_records=len(ds), seed=args.seed, total_steps=total_steps, world_size=world,
-                      init_model=init_dir, args=vars(args))
-            last_ckpt = train_sft.save_checkpoint(model, optimizer, done, args, st, model_dir, dctx.fsdp, device, improc)
+            last_ckpt = train_sft.save_checkpoint(model, optimizer, done, args, train_state(done), model_dir,
+                                                  dctx.fsdp, device, improc)
     pbar.close()
     return {"metrics": history, "checkpoint": last_ckpt, "config": config}
 
 
 if __name__ == "__main__":
-    main()
+    from train_sft import NonFiniteLoss
+    try:
+        main()
+    except (DataError, NonFiniteLoss) as e:  # bad data or a diverged run: one message, no traceback
+        raise SystemExit(f"error: {e}") from None

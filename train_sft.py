@@ -57,7 +57,8 @@ from torch.utils.checkpoint import checkpoint
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data-loader workers fork after the tokenizer ran
 
 import vas  # noqa: E402
-from data import IGNORE, IMAGE, ImageProcessor, SFTDataset, Tokenizer, collate, epoch_batches, micro_batches
+from data import (IGNORE, IMAGE, DataError, ImageProcessor, SFTDataset, Tokenizer, collate, epoch_batches,
+                  micro_batches)
 from model import from_pretrained, save_pretrained  # noqa: E402
 
 parser = argparse.ArgumentParser(description="Cold-start SFT of Qwen2.5-VL with the attention-guided objective",
@@ -236,6 +237,8 @@ def forward_backward(model, mbs, alpha: float, beta: float, ctl_factory, ce_chun
                           sum(int((mb["roles"] == IMAGE).any(1).sum()) for mb in mbs),
                           sum(int(mb["attention_mask"].sum()) for mb in mbs)], dtype=torch.float64, device=device)
     n_tok, n_img, n_all = all_reduce_sum(local, use_fsdp).tolist()
+    if n_tok == 0:  # every process sees the same sums, so all of them stop here
+        raise DataError("no trained token in this step: all of its records failed to load")
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # lm, enhance, suppress, vas, vas samples
     for j, mb in enumerate(mbs):
         if use_fsdp:  # reduce-scatter gradients only after the last micro-batch
@@ -247,6 +250,8 @@ def forward_backward(model, mbs, alpha: float, beta: float, ctl_factory, ce_chun
                            attn_ctl=ctl, return_hidden=True)  # (B, T, D)
             lm_sum = chunked_cross_entropy(hidden, model.lm_head.weight, b["labels"], ce_chunk)
             loss = lm_sum / max(n_tok, 1)
+            if mb.get("empty"):  # all its records failed to load (collate): a zero loss on the graph
+                loss = loss + 0.0 * hidden.sum()
             if ctl is not None:
                 t = ctl.terms()  # sums over this micro-batch's image samples
                 loss = loss + (alpha * t.enhance_sum + beta * t.suppress_sum) / max(n_img, 1)
@@ -335,7 +340,17 @@ def start_run_files(out: str, config: dict, start: int):
     metrics_path = os.path.join(out, "metrics.jsonl")
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+            lines = [line for line in f if line.strip()]
+        kept = []
+        for n, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                if n == len(lines):  # the last line, cut by a kill during its write: its step is redone
+                    continue
+                raise ValueError(f"{metrics_path}: line {n} is not JSON") from None
+            if row["step"] <= start:
+                kept.append(line if line.endswith("\n") else line + "\n")
         with open(metrics_path, "w") as f:
             f.writelines(kept)
 
@@ -477,9 +492,15 @@ def train(args, rank, world, device, use_fsdp):
     use_ctl = args.agto_alpha != 0 or args.agto_beta != 0
     layers = vas.parse_layers([args.agto_layers], model.cfg.num_hidden_layers) if args.agto_layers else None
     from tqdm import tqdm
+    def train_state(step):
+        return dict(step=step, epoch=step // steps_per_epoch, batch_in_epoch=step % steps_per_epoch,
+                    steps_per_epoch=steps_per_epoch, batch_size=args.batch_size, num_records=len(ds),
+                    seed=args.seed, group_by_length=not args.no_group_by_length, total_steps=total_steps,
+                    warmup_steps=warmup, world_size=world, args=vars(args))
+
     pbar = tqdm(total=total_steps, initial=start, disable=rank != 0, dynamic_ncols=True, desc="sft")
     try:
-        history = []
+        history, skipped = [], 0  # skipped: records that failed to load, this process's run
         step = start
         loader, epoch = None, -1
         while step < total_steps:
@@ -494,6 +515,21 @@ def train(args, rank, world, device, use_fsdp):
             mbs = [next(loader) for _ in range(accum)]
             if (step + 1) % steps_per_epoch == 0:
                 loader = None
+            # records whose images passed validation but do not decode (collate lists them); the
+            # same records on every run, so a resumed run skips exactly what the first one skipped
+            bad = [err for mb in mbs for _, err in mb["skipped"]]
+            n_bad = int(all_reduce_sum(torch.tensor([len(bad)], device=device), use_fsdp).item())
+            if n_bad and not args.skip_bad:
+                if step > 0 and last_ckpt != os.path.join(args.out, f"step_{step}"):
+                    last_ckpt = save_checkpoint(model, optimizer, step, args, train_state(step), model_dir,
+                                                use_fsdp, device, improc)
+                kept = f"saved {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                raise DataError(f"step {step + 1}: {bad[0] if bad else 'a record on another process failed to load'}"
+                                f"; stopped before the update, {kept}. Fix the file and --resume, or "
+                                f"--resume --skip-bad to skip such records")
+            for err in bad:
+                pbar.write(f"skipped (--skip-bad): {err}")
+            skipped += n_bad
 
             mult = lr_multiplier(step, total_steps, warmup, args.min_lr_ratio)
             for g in optimizer.param_groups:
@@ -524,7 +560,7 @@ def train(args, rank, world, device, use_fsdp):
                        enhance=enhance if use_ctl else None, suppress=suppress if use_ctl else None,
                        vas=r["vas"], grad_norm=grad_norm,
                        lr=args.lr * mult, tokens_per_s=n_all / dt, n_tokens=int(n_tok), n_all_tokens=int(n_all),
-                       n_image_samples=int(n_img))
+                       n_image_samples=int(n_img), skipped=n_bad)
             history.append(row)
             if rank == 0:
                 with open(metrics_path, "a") as f:
@@ -533,15 +569,12 @@ def train(args, rank, world, device, use_fsdp):
                 # suppress term is negative), so the total alone does not show learning
                 terms = dict(enhance=f"{enhance:.3f}", suppress=f"{suppress:.2f}") if use_ctl else {}
                 pbar.set_postfix(lm_loss=f"{lm_loss:.4f}", **terms, lr=f"{row['lr']:.2e}",
-                                 tok_s=f"{row['tokens_per_s']:.0f}")
+                                 tok_s=f"{row['tokens_per_s']:.0f}", **({"skipped": skipped} if skipped else {}))
                 pbar.update(1)
 
             if step == total_steps or (args.save_every > 0 and step % args.save_every == 0):
-                state = dict(step=step, epoch=step // steps_per_epoch, batch_in_epoch=step % steps_per_epoch,
-                             steps_per_epoch=steps_per_epoch, batch_size=args.batch_size, num_records=len(ds),
-                             seed=args.seed, group_by_length=not args.no_group_by_length, total_steps=total_steps,
-                             warmup_steps=warmup, world_size=world, args=vars(args))
-                last_ckpt = save_checkpoint(model, optimizer, step, args, state, model_dir, use_fsdp, device, improc)
+                last_ckpt = save_checkpoint(model, optimizer, step, args, train_state(step), model_dir, use_fsdp,
+                                            device, improc)
     finally:
         pbar.close()
     return {"metrics": history, "checkpoint": last_ckpt, "config": config}
@@ -570,4 +603,7 @@ def load_train_state(ckpt, model, optimizer, args, rank, world, num_records, ste
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (DataError, NonFiniteLoss) as e:  # bad data or a diverged run: one message, no traceback
+        raise SystemExit(f"error: {e}") from None
