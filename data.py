@@ -327,7 +327,7 @@ def load_image(path: str) -> Image.Image:
         with Image.open(path) as im:
             im.load()  # decodes now: a truncated file fails here, not later in a batch
             return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{path}: cannot decode image ({e})") from e
 
 

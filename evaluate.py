@@ -357,6 +357,11 @@ def grade(pred: str | None, gold: str, options: list[str] | None = None,
 
 # ---- benchmark readers ----
 
+# What PIL raises on bad image data (an image over its pixel limit raises DecompressionBombError,
+# which is not an OSError).
+IMAGE_ERRORS = (ValueError, OSError, SyntaxError, Image.DecompressionBombError)
+
+
 def _check_image(data: bytes | Path) -> None:
     """Raise unless the bytes or file are an image PIL can open. verify() reads headers and
     checksums without decoding pixels, so checking a whole benchmark stays cheap."""
@@ -385,7 +390,7 @@ def _check_file(p: Path, where: str) -> None:
         raise ValueError(f"{where}: image file {str(p)!r} does not exist")
     try:
         _check_image(p)
-    except (ValueError, OSError, SyntaxError) as e:  # PIL raises all three on bad data
+    except IMAGE_ERRORS as e:
         raise ValueError(f"{where}: {str(p)!r} is not an image ({e})") from None
 
 
@@ -480,7 +485,7 @@ def read_tsv(path: str | Path) -> list[dict]:
                     raise ValueError(f"{where}: image is not valid base64") from None
                 try:
                     _check_image(data)
-                except (ValueError, OSError, SyntaxError) as e:  # PIL raises all three on bad data
+                except IMAGE_ERRORS as e:
                     raise ValueError(f"{where}: image bytes are not an image ({type(e).__name__})") from None
             checked.add(key)
         elif _present(row.get("image_path")):
@@ -561,10 +566,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def read_benchmark(path: str | Path) -> list[dict]:
     """Read a benchmark file, by extension: .tsv (VLMEvalKit) or .jsonl (this project)."""
     suffix = Path(path).suffix.lower()
-    if suffix == ".tsv":
-        return read_tsv(path)
-    if suffix == ".jsonl":
-        return read_jsonl(path)
+    try:
+        if suffix == ".tsv":
+            return read_tsv(path)
+        if suffix == ".jsonl":
+            return read_jsonl(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
     raise ValueError(f"{path}: unknown benchmark format {suffix!r} (expected .tsv or .jsonl)")
 
 
@@ -802,7 +810,7 @@ def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: lis
                 try:
                     encs.append(encode_record(tok, proc, rec))
                     chunk.append((i, rec))
-                except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three on bad data
+                except IMAGE_ERRORS as e:
                     files = ", ".join(str(p) for p in rec["images"] if isinstance(p, Path)) or "base64 cell"
                     err = f"{rec.get('benchmark')}: id {rec['id']!r}: cannot decode image ({files}): {e}"
                     if not skip_bad:

@@ -444,14 +444,14 @@ class PromptDataset:
         self.stats = {"lines": 0, "kept": 0, "bad": 0, "too_long": 0, "with_images": 0, "text_only": 0}
         base = os.path.dirname(os.path.abspath(path))
         sizes = {}
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is an error of that line
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 self.stats["lines"] += 1
                 where = f"{path}:{lineno}"
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(line.decode("utf-8"))
                     rec = normalize_record(obj, base, where)
                     answer = obj.get("answer")
                     if not isinstance(answer, (str, int, float)) or str(answer).strip() == "":
@@ -499,7 +499,7 @@ class PromptDataset:
             try:
                 with Image.open(path) as im:  # the header only: the size gives the token count
                     cache[path] = self.improc.num_tokens(im, path)
-            except (OSError, SyntaxError) as e:
+            except (OSError, SyntaxError, Image.DecompressionBombError) as e:
                 raise ValueError(f"{path}: cannot read image header ({e})") from e
         return cache[path]
 
@@ -512,7 +512,7 @@ class PromptDataset:
         DataError naming the line and the file."""
         try:
             enc = evaluate.encode_record(self.tok, self.improc, self.records[i])
-        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three on bad data
+        except evaluate.IMAGE_ERRORS as e:
             files = ", ".join(map(str, self.records[i]["images"]))
             raise DataError(f"{self.where[i]}: cannot decode image {files} ({e})") from None
         enc["record"] = self.records[i]

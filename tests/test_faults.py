@@ -372,3 +372,15 @@ def test_grpo_sigkill_then_resume_equals_uninterrupted_run(rl_world, tmp_path, m
     tg.main(argv + ["--resume"], reward_fn=logging_reward(log))
     assert log == ref_log[2:]
     assert [strip(r) for r in read_metrics(out)] == [strip(r) for r in ref["metrics"]]
+
+
+def test_resume_drops_a_metrics_line_cut_by_the_kill(tmp_path):
+    """A kill while metrics.jsonl was being appended leaves a cut last line: a resume from step 1
+    keeps the steps up to it and drops the rest; a bad line elsewhere is an error naming it."""
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text(rows[0] + rows[1] + rows[2][:9])
+    train_sft.start_run_files(str(tmp_path), {"seed": 0}, 1)
+    assert (tmp_path / "metrics.jsonl").read_text() == rows[0]
+    (tmp_path / "metrics.jsonl").write_text(rows[0] + rows[1][:9] + "\n" + rows[2])
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not JSON"):
+        train_sft.start_run_files(str(tmp_path), {"seed": 0}, 1)
