@@ -1097,14 +1097,16 @@ def train(args, dctx, reward_fn=None):
             except DataError as e:  # an image that does not decode: the same ones on every run
                 bad.append(str(e))
         n_bad = int(dctx.sum([float(len(bad))])[0])
-        if n_bad and not args.skip_bad:
+        # several processes exchange equal-length rollout tensors: there a lost prompt stops the run
+        if n_bad and (not args.skip_bad or world > 1):
             if step > 0 and last_ckpt != os.path.join(args.out, f"step_{step}"):
                 last_ckpt = train_sft.save_checkpoint(model, optimizer, step, args, train_state(step), model_dir,
                                                       dctx.fsdp, device, improc)
             kept = f"saved {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+            how = ("--skip-bad cannot skip a prompt with several processes; fix the file and --resume" if args.skip_bad
+                   else "Fix the file and --resume, or --resume --skip-bad to skip such prompts")
             raise DataError(f"step {step + 1}: {bad[0] if bad else 'a prompt on another process failed to load'}; "
-                            f"stopped before the rollout, {kept}. Fix the file and --resume, or --resume "
-                            f"--skip-bad to skip such prompts")
+                            f"stopped before the rollout, {kept}. {how}")
         for err in bad:
             pbar.write(f"skipped (--skip-bad): {err}")
         skipped += n_bad

@@ -250,8 +250,9 @@ def forward_backward(model, mbs, alpha: float, beta: float, ctl_factory, ce_chun
                            attn_ctl=ctl, return_hidden=True)  # (B, T, D)
             lm_sum = chunked_cross_entropy(hidden, model.lm_head.weight, b["labels"], ce_chunk)
             loss = lm_sum / max(n_tok, 1)
-            if mb.get("empty"):  # all its records failed to load (collate): a zero loss on the graph
-                loss = loss + 0.0 * hidden.sum()
+            if mb.get("empty"):  # all its records failed to load (collate): a zero loss through every
+                # parameter the others train (under FSDP each process reduces the same gradients)
+                loss = loss + 0.0 * F.linear(hidden[:, -1], model.lm_head.weight).sum()
             if ctl is not None:
                 t = ctl.terms()  # sums over this micro-batch's image samples
                 loss = loss + (alpha * t.enhance_sum + beta * t.suppress_sum) / max(n_img, 1)

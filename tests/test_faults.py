@@ -158,6 +158,23 @@ def test_sft_undecodable_image_saves_checkpoint_and_stops(sft_world, sft_referen
     assert [strip(r) for r in res["metrics"]] == sft_reference["metrics"][1:]
 
 
+def test_sft_two_processes_skip_like_one(sft_world, sft_reference, tmp_path):
+    """torchrun, 2 processes (FSDP2, gloo): in step 2 process 0's only micro-batch has no record
+    left (both images cut) while process 1's has two; process 0 runs its one-token stand-in, the
+    collectives stay in step, and the losses equal the one-process run's."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train_sft.py")] + sft_args(sft_world, tmp_path / "dist", "--skip-bad")
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-4000:]
+    got, ref = read_metrics(tmp_path / "dist"), sft_reference["metrics"]
+    assert [r["skipped"] for r in got] == [r["skipped"] for r in ref]
+    for a, b in zip(got, ref):
+        assert a["n_tokens"] == b["n_tokens"] and a["n_image_samples"] == b["n_image_samples"]
+        for k in ("loss", "lm_loss", "enhance", "suppress"):
+            assert abs(a[k] - b[k]) <= 1e-5 * abs(b[k]), (a["step"], k, a[k], b[k])
+
+
 def test_cli_stops_with_one_message(sft_world, tmp_path):
     """The command line: the undecodable image, and a diverging run (--lr 1e30), each end with one
     `error:` line, no traceback, a non-zero status, and `latest` on the last good checkpoint."""
@@ -241,6 +258,30 @@ def test_grpo_undecodable_prompt_image(rl_world, tmp_path):
     assert (out / "latest").read_text().strip() == f"step_{bad_steps[0] - 1}"
     res = tg.main(grpo_args(rl_world, out, n, "--skip-bad", "--resume"), reward_fn=token_parity_reward)
     assert [strip(r) for r in res["metrics"]] == [strip(r) for r in ref["metrics"][bad_steps[0] - 1:]]
+
+
+def test_grpo_and_evaluate_cli_stop_with_one_message(rl_world, tmp_path):
+    """The command lines of GRPO and evaluation on the prompt whose image does not decode: one
+    `error:` line naming it, no traceback, status 1; GRPO saved the steps done, evaluation kept the
+    batches answered before."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first_bad = bad_grpo_step(rl_world)[0]
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_grpo.py")] + grpo_args(rl_world, tmp_path / "g", 5),
+                       env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert last.startswith(f"error: step {first_bad}: ") and rl_world["bad"] in last, last
+    assert (tmp_path / "g" / "latest").read_text().strip() == f"step_{first_bad - 1}"
+
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--model", rl_world["model"], "--bench",
+                        rl_world["data"], "--out", str(tmp_path / "e"), "--batch-size", "2", "--max-new-tokens", "2",
+                        "--no-vas", "--no-progress", "--device", "cpu"],
+                       env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert last.startswith("error: rl: id 'r5'") and rl_world["bad"] in last, last
+    preds = E.read_predictions(tmp_path / "e" / "predictions" / "rl__base.jsonl")
+    assert [r["id"] for r in preds] == ["r0", "r1", "r2", "r3"]
 
 
 def test_grpo_nonfinite_loss_stops_on_last_good_checkpoint(rl_world, tmp_path, monkeypatch):
