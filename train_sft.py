@@ -493,6 +493,7 @@ def train(args, rank, world, device, use_fsdp):
     use_ctl = args.agto_alpha != 0 or args.agto_beta != 0
     layers = vas.parse_layers([args.agto_layers], model.cfg.num_hidden_layers) if args.agto_layers else None
     from tqdm import tqdm
+
     def train_state(step):
         return dict(step=step, epoch=step // steps_per_epoch, batch_in_epoch=step % steps_per_epoch,
                     steps_per_epoch=steps_per_epoch, batch_size=args.batch_size, num_records=len(ds),

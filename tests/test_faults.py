@@ -126,20 +126,20 @@ def sft_reference(sft_world, tmp_path_factory):
 
 
 def test_sft_skip_bad_skips_undecodable_images_and_counts_them(sft_world, sft_reference):
-    """Each epoch's step 2 loses its first micro-batch (both images cut); the records are counted
-    in metrics.jsonl, every other record is trained on, and the run with data-loader workers equals
-    the one without."""
+    """Every step trains on exactly the records of its batch whose images decode, and counts the
+    others in metrics.jsonl (step 2's first micro-batch keeps none); the run with data-loader
+    workers equals the one without."""
     m = sft_reference["metrics"]
     bad = set(sft_world["bad"])
+    lengths = SFTDataset(sft_world["data"], Tokenizer(sft_world["model"]),
+                         ImageProcessor.from_pretrained(sft_world["model"])).lengths
+    batches = [b for e in range(2) for b in epoch_batches(lengths, 4, 0, e)]
     assert [r["step"] for r in m] == [1, 2, 3, 4]
-    assert [r["skipped"] for r in m] == [
-        sum(i in bad for i in b) for e in range(2)
-        for b in epoch_batches(SFTDataset(sft_world["data"], Tokenizer(sft_world["model"]),
-                                          ImageProcessor.from_pretrained(sft_world["model"])).lengths, 4, 0, e)]
+    assert [r["skipped"] for r in m] == [len(set(b) & bad) for b in batches]
     assert m[1]["skipped"] == 2 and sum(r["skipped"] for r in m) == 4
     trained = [sorted(i for mb in step for i in mb) for step in sft_reference["batches"]]
-    assert all(not (set(t) & bad) for t in trained) and len(trained[1]) == 2
-    assert m[1]["n_image_samples"] == 2 and m[0]["n_image_samples"] == 4
+    assert trained == [sorted(set(b) - bad) for b in batches]
+    assert [r["n_image_samples"] for r in m] == [len(t) for t in trained]
     assert all(np.isfinite(r["loss"]) for r in m)
     no_workers = train_sft.main(sft_args(sft_world, sft_world["root"] / "w0", "--skip-bad", workers=0))
     assert [strip(r) for r in no_workers["metrics"]] == m
@@ -234,7 +234,7 @@ def logging_reward(log):
 
 
 def bad_grpo_step(w):
-    """The first step (1-based) whose prompts include the cut image, and the number of steps with it."""
+    """The steps (1-based, two epochs) whose prompts include the one with the cut image."""
     lengths = tg.PromptDataset(w["data"], Tokenizer(w["model"]), ImageProcessor.from_pretrained(w["model"])).lengths
     steps = [b for e in range(2) for b in epoch_batches(lengths, 2, 0, e, group_by_length=False)]
     return [s + 1 for s, b in enumerate(steps) if 5 in b]
