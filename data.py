@@ -9,7 +9,8 @@ recovered from decoded text); the formulas of vas.py select tokens by these role
                  <|vision_end|>, the `<|im_start|>assistant\\n` header, the `\\n` after a reply
     RESPONSE (R) the assistant's content and the `<|im_end|>` closing it (what SFT trains on)
 
-The image processor reproduces transformers' Qwen2VLImageProcessor (PIL path) exactly:
+The image processor reproduces transformers' Qwen2VLImageProcessor (PIL path) exactly, transparent
+images composited on white as its convert_to_rgb does (`to_rgb`):
 `ImageProcessor(min_pixels, max_pixels)(images) -> (pixel_values (N, 1176), image_grid_thw (n, 3))`.
 
 The toy world and the data synthesis (the end of this file):
@@ -317,18 +318,45 @@ def smart_resize(h: int, w: int, factor: int = 28, min_pixels: int = 3136, max_p
     return hb, wb
 
 
-def load_image(path: str) -> Image.Image:
-    """Open and fully decode an image file; unreadable, empty or truncated files raise naming it."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: image file does not exist")
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"{path}: image file is empty")
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as transformers' `convert_to_rgb` makes it (the image processor's first step): an image
+    with an alpha band or a `transparency` entry (RGBA, LA, PA, P or L or RGB with a PNG tRNS chunk,
+    GIF transparency) is composited on white; every other mode is PIL's plain convert("RGB")
+    (1, L, P, CMYK, YCbCr, I, I;16, F, ...). Dropping the alpha instead would show the hidden
+    colours of transparent pixels (the background of most chart PNGs). As in transformers, "has
+    alpha" is decided by the band names, so LAB (whose bands are L, A, B) takes the compositing
+    path too; it is opaque, so the result is its plain conversion."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(src, name: str | None = None) -> Image.Image:
+    """Open and fully decode an image -> RGB (`to_rgb`). src: a file path, the file's bytes, or a
+    PIL image. Unreadable, empty or truncated data raise a ValueError naming it (`name`, else the
+    path); a missing file is a FileNotFoundError."""
+    if isinstance(src, Image.Image):
+        return to_rgb(src)
+    if isinstance(src, (bytes, bytearray)):
+        name = name or "image bytes"
+        if not src:
+            raise ValueError(f"{name}: image data is empty")
+        fp = io.BytesIO(src)
+    else:
+        fp = os.fspath(src)
+        name = name or fp
+        if not os.path.exists(fp):
+            raise FileNotFoundError(f"{name}: image file does not exist")
+        if os.path.getsize(fp) == 0:
+            raise ValueError(f"{name}: image file is empty")
     try:
-        with Image.open(path) as im:
+        with Image.open(fp) as im:
             im.load()  # decodes now: a truncated file fails here, not later in a batch
-            return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"{path}: cannot decode image ({e})") from e
+            return to_rgb(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{name}: cannot decode image ({e})") from e
 
 
 class ImageProcessor:
@@ -377,7 +405,7 @@ class ImageProcessor:
         return t * h * w // self.merge ** 2
 
     def process_one(self, image: Image.Image, name: str = "image"):
-        image = image.convert("RGB")
+        image = to_rgb(image)
         _, gh, gw = self.grid(image, name)
         hb, wb = gh * self.patch, gw * self.patch
         arr = np.asarray(image.resize((wb, hb), resample=Image.BICUBIC))  # uint8 (H, W, 3)
@@ -390,12 +418,13 @@ class ImageProcessor:
         return x.reshape(gh * gw, 3 * self.tpatch * p * p), (1, gh, gw)
 
     def __call__(self, images, names=None):
-        """images: PIL images or file paths -> (pixel_values (N, 1176) float32, image_grid_thw (n, 3))."""
+        """images: PIL images, file paths or encoded image bytes
+        -> (pixel_values (N, 1176) float32, image_grid_thw (n, 3))."""
         rows, grids = [], []
         for i, im in enumerate(images):
-            name = names[i] if names else (im if isinstance(im, str) else f"image {i}")
-            if isinstance(im, str):
-                im = load_image(im)
+            name = names[i] if names else (os.fspath(im) if isinstance(im, (str, os.PathLike)) else f"image {i}")
+            if not isinstance(im, Image.Image):
+                im = load_image(im, name)
             px, g = self.process_one(im, name)
             rows.append(px)
             grids.append(g)

@@ -369,10 +369,13 @@ def _b64_bytes(text: str) -> bytes:
 
 
 def _open_rgb(src) -> Image.Image:
-    if isinstance(src, Image.Image):
-        return src.convert("RGB")
-    with Image.open(src if isinstance(src, Path) else io.BytesIO(_b64_bytes(src))) as im:
-        return im.convert("RGB")  # convert() decodes the pixels, so closing the file is safe
+    """One image source -> RGB exactly as transformers' processor sees it (data.load_image:
+    transparency composited on white)."""
+    from data import load_image
+
+    if isinstance(src, str):  # base64 (VLMEvalKit TSV)
+        src = _b64_bytes(src)
+    return load_image(src)
 
 
 def load_images(record: dict) -> list[Image.Image]:

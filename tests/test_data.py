@@ -200,3 +200,74 @@ def test_toy_model_config_matches_its_tokenizer(tmp_path):
     record = (tmp_path / "sft.jsonl").read_text().splitlines()[0]
     response = json.loads(record)["response"]
     assert len(tok.encode(response)) < len(response.encode()) / 3  # whole words are single tokens
+
+
+def _saved_modes(d):
+    """One file per mode PIL opens, written by PIL as image tools write them: transparent PNGs
+    (RGBA, LA, palette with a tRNS entry and with per-entry alpha, RGB/L with a tRNS colour key),
+    a transparent GIF, lossless WebP with alpha, 16-bit PNG, 32-bit int and float TIFF, CMYK
+    JPEG/TIFF, YCbCr and LAB TIFF, 1-bit and grey PNG. Pixel values are random, and the alpha
+    takes every value, so transparent pixels hide colours that differ from white."""
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (40, 50, 4), dtype=np.uint8), "RGBA")
+    rgb = rgba.convert("RGB")
+    files = {
+        "RGBA.png": (rgba, {}), "LA.png": (rgba.convert("LA"), {}),
+        "P_tRNS.png": (rgb.quantize(16), {"transparency": 3}), "P_alpha.png": (rgba.quantize(16), {}),
+        "P.png": (rgb.quantize(16), {}), "RGB_tRNS.png": (rgb, {"transparency": (12, 34, 56)}),
+        "L_tRNS.png": (rgba.convert("L"), {"transparency": 7}), "P.gif": (rgb.quantize(16), {"transparency": 2}),
+        "RGBA.webp": (rgba, {"lossless": True}), "RGBA.tif": (rgba, {}),
+        "1.png": (rgba.convert("1"), {}), "L.png": (rgba.convert("L"), {}), "RGB.png": (rgb, {}),
+        "I16.png": (Image.fromarray(rng.integers(0, 65535, (40, 50), dtype=np.uint16)), {}),
+        "I.tif": (Image.fromarray(rng.integers(-300, 70000, (40, 50), dtype=np.int32)), {}),
+        "F.tif": (Image.fromarray(rng.normal(100, 80, (40, 50)).astype(np.float32)), {}),
+        "CMYK.jpg": (rgba.convert("CMYK"), {}), "CMYK.tif": (rgba.convert("CMYK"), {}),
+        "YCbCr.tif": (rgb.convert("YCbCr"), {}), "LAB.tif": (rgb.convert("LAB"), {}),
+    }
+    paths = {}
+    for name, (im, kw) in files.items():
+        im.save(d / name, **kw)
+        paths[name] = d / name
+    return paths
+
+
+def test_every_mode_equals_transformers_pixel_values(tmp_path):
+    """load_image + ImageProcessor == Qwen2VLImageProcessorPil on the opened file, bit for bit, for
+    every mode (transformers composites transparency on white; dropping the alpha differs)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    ref_proc, ours = Qwen2VLImageProcessorPil(), ImageProcessor()
+    modes = set()
+    for name, path in _saved_modes(tmp_path).items():
+        with Image.open(path) as im:
+            im.load()
+            modes.add(im.mode + ("+transparency" if "transparency" in im.info else ""))
+            ref = ref_proc(images=[im], return_tensors="pt")["pixel_values"]
+            pv_pil, _ = ours([im])  # a PIL image passed as is (evaluate.py's records)
+        pv_file, _ = ours([str(path)])  # a path (training records)
+        assert torch.equal(pv_file, ref), name
+        assert torch.equal(pv_pil, ref), name
+        with open(path, "rb") as f:  # encoded bytes (data: URLs, EasyR1 {"bytes"}, TSV base64)
+            assert torch.equal(ours([f.read()])[0], ref), name
+    assert {"RGBA", "LA", "P+transparency", "RGB+transparency", "L+transparency", "P", "1", "L", "I;16",
+            "I", "F", "CMYK", "YCbCr", "LAB"} <= modes
+    # the alpha matters: plain convert("RGB") of the transparent PNG is not what transformers sees
+    with Image.open(tmp_path / "RGBA.png") as im:
+        dropped = torch.from_numpy(ours.process_one(im.convert("RGB"))[0])
+        assert (dropped - ref_proc(images=[im], return_tensors="pt")["pixel_values"]).abs().max() > 1
+
+
+def test_evaluate_images_go_through_the_same_conversion(tmp_path):
+    """evaluate.load_images (paths, base64 TSV cells, PIL images) == data.load_image."""
+    import base64
+    from pathlib import Path
+
+    from evaluate import load_images
+    path = _saved_modes(tmp_path)["P_tRNS.png"]
+    b64 = base64.b64encode(path.read_bytes()).decode()
+    with Image.open(path) as im:
+        im.load()
+        got = load_images({"images": [Path(path), b64, im]})
+    want = np.asarray(load_image(str(path)))
+    assert all(g.mode == "RGB" and np.array_equal(np.asarray(g), want) for g in got)
+    assert (want == 255).all(axis=-1).any()  # the transparent palette entry became white
