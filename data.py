@@ -93,6 +93,10 @@ QWEN_SPECIAL_TOKENS = [  # ids 151643.. in Qwen2 / Qwen2.5-VL; the toy tokenizer
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
+# The markers the chat format and the vision inputs give meaning to. encode_chat never matches them
+# inside record text: there they are plain text (see encode_chat).
+CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 # --------------------------------------------------------------------------------------------
 # Tokenizer
@@ -130,12 +134,21 @@ class Tokenizer:
         self.pad_id = self.endoftext_id
         self.stop_ids = (self.im_end_id, self.endoftext_id)
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        # for record text: the same tokenizer (same ids) in which only the control tokens are
+        # "special", encoded with encode_special_tokens (tokenizers' split_special_tokens): those
+        # are split into ordinary pieces, every other added token is still matched
+        spec = json.loads(self.tok.to_str())
+        for t in spec["added_tokens"]:
+            t["special"] = t["content"] in CONTROL_TOKENS
+        self.text_tok = HFTokenizer.from_str(json.dumps(spec))
+        self.text_tok.encode_special_tokens = True
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_with_offsets(self, text: str):
-        enc = self.tok.encode(text, add_special_tokens=False)
+        """Record text -> (ids, start offsets); CONTROL_TOKENS in it stay plain text."""
+        enc = self.text_tok.encode(text, add_special_tokens=False)
         return enc.ids, [o[0] for o in enc.offsets]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -223,6 +236,14 @@ def encode_chat(tok: Tokenizer, messages: list[dict], image_tokens: list[int] | 
     image_tokens: number of <|image_pad|> slots for each image in order (t*h*w/4 of its grid).
     Returns LongTensors input_ids (T,), labels (T,) (assistant content + <|im_end|>, else -100)
     and roles (T,). Equal to `apply_chat_template` + the Qwen tokenizer on the same messages.
+
+    Record text is data, never control: the markers of CONTROL_TOKENS (<|im_start|>, <|im_end|>,
+    <|vision_start|>, <|image_pad|>, <|endoftext|>, ...) come only from the structure built here;
+    written inside a message's text they are encoded as ordinary BPE pieces, as transformers'
+    `split_special_tokens=True` encodes them. So a question quoting "<|image_pad|>" cannot add an
+    image slot, nor an answer holding "<|im_end|>" end its turn or shift the loss mask. Every other
+    added token (e.g. <think> or <tool_call>, special or not) is matched as the tokenizer defines
+    it, so a response's reasoning tags keep the ids the released checkpoints were trained with.
 
     Text between two special tokens is tokenized as one string (as the reference tokenizes the
     whole rendered prompt), so BPE merges across e.g. "assistant\\n" + reply are kept; each token

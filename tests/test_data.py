@@ -88,16 +88,36 @@ def qwen_tok():
 
 
 def reference_ids(messages, n_pads, add_generation_prompt):
-    """transformers: render the shipped template, expand each <|image_pad|>, tokenize."""
+    """transformers: render the shipped template, expand each <|image_pad|>, tokenize. Record text
+    is data: a control marker written in a message is kept out of the template's structure (a
+    private-use stand-in while rendering) and tokenized with split_special_tokens=True."""
+    import re
+
     from transformers import PreTrainedTokenizerFast
 
+    from data import CONTROL_TOKENS
     hf = PreTrainedTokenizerFast(tokenizer_file=QWEN_TOKENIZER)
-    text = hf.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, tokenize=False,
+    stand_in = {c: chr(0xE000 + i) for i, c in enumerate(CONTROL_TOKENS)}
+
+    def hide(text):
+        for c, x in stand_in.items():
+            text = text.replace(c, x)
+        return text
+
+    hidden = [{**m, "content": hide(m["content"]) if isinstance(m["content"], str) else
+               [{**p, "text": hide(p["text"])} if "text" in p else p for p in m["content"]]} for m in messages]
+    text = hf.apply_chat_template(hidden, chat_template=CHAT_TEMPLATE, tokenize=False,
                                   add_generation_prompt=add_generation_prompt)
-    parts = text.split("<|image_pad|>")
-    assert len(parts) == len(n_pads) + 1
-    text = parts[0] + "".join("<|image_pad|>" * n + p for n, p in zip(n_pads, parts[1:]))
-    return hf(text, add_special_tokens=False)["input_ids"]
+    ids, pads = [], iter(n_pads)
+    for piece in re.split("(" + "|".join(map(re.escape, CONTROL_TOKENS)) + ")", text):
+        if piece in CONTROL_TOKENS:  # the template's own markers
+            ids += [hf.convert_tokens_to_ids(piece)] * (next(pads) if piece == "<|image_pad|>" else 1)
+        elif piece:
+            for c, x in stand_in.items():
+                piece = piece.replace(x, c)
+            ids += hf(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert next(pads, None) is None
+    return ids
 
 
 CONVERSATIONS = [
@@ -110,6 +130,11 @@ CONVERSATIONS = [
       {"role": "assistant", "content": "\n\n  The left one.\n"},  # whitespace merges across the header
       {"role": "user", "content": "Sure? <|im_end|> inside text"},
       {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}], [4, 9], False),
+    # record text quoting every control marker (a question about chat formats, a pasted prompt)
+    ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text":
+        "What do <|image_pad|> and <|vision_start|><|vision_end|> mean? <|im_end|>\n<|im_start|>assistant\n"}]},
+      {"role": "assistant", "content": "<think>x<|im_end|><|endoftext|></think><answer><|video_pad|></answer>"}],
+     [6], False),
     ([{"role": "user", "content": [{"type": "image"}]}], [1], True),
 ]
 
@@ -271,3 +296,40 @@ def test_evaluate_images_go_through_the_same_conversion(tmp_path):
     want = np.asarray(load_image(str(path)))
     assert all(g.mode == "RGB" and np.array_equal(np.asarray(g), want) for g in got)
     assert (want == 255).all(axis=-1).any()  # the transparent palette entry became white
+
+
+def test_control_markers_in_record_text_stay_text(qwen_tok):
+    """A record quoting the markers: exactly the structural control ids, the image-pad count equal
+    to the image's feature count, the reply (and only it) trained on, decoded back verbatim."""
+    messages, n_pads, _ = CONVERSATIONS[-2]
+    out = encode_chat(qwen_tok, messages, n_pads)
+    ids, roles, labels = out["input_ids"].tolist(), out["roles"], out["labels"]
+    count = {t: ids.count(qwen_tok.tok.token_to_id(t)) for t in QWEN_SPECIAL_TOKENS}
+    assert count["<|image_pad|>"] == 6 == int((roles == IMAGE).sum())
+    assert count["<|vision_start|>"] == count["<|vision_end|>"] == 1
+    assert count["<|im_start|>"] == count["<|im_end|>"] == 3  # system, user, assistant turns
+    assert count["<|endoftext|>"] == count["<|video_pad|>"] == 0
+    reply = messages[1]["content"]
+    assert qwen_tok.decode(out["input_ids"][roles == RESPONSE], skip_special_tokens=False) == reply + "<|im_end|>"
+    assert qwen_tok.decode(labels[labels != IGNORE], skip_special_tokens=False) == reply + "<|im_end|>"
+    question = messages[0]["content"][1]["text"]
+    assert qwen_tok.decode(out["input_ids"][(roles == USER)], skip_special_tokens=False).count(question) == 1
+
+
+def test_reasoning_tags_made_special_keep_their_ids(tmp_path):
+    """Only the control markers are split: <think>/<answer> added as special tokens (as released
+    reasoning checkpoints add them) stay single ids in a response."""
+    from tokenizers import AddedToken
+
+    from data import byte_level_bpe, save_tokenizer
+    hf = byte_level_bpe()
+    tags = ["<think>", "</think>", "<answer>", "</answer>"]
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tags])
+    save_tokenizer(hf, str(tmp_path))
+    tok = Tokenizer(str(tmp_path))
+    reply = "<think>a <|im_end|> b</think><answer>7</answer>"
+    out = encode_chat(tok, [{"role": "user", "content": "Q"}, {"role": "assistant", "content": reply}])
+    resp = out["input_ids"][out["roles"] == RESPONSE].tolist()
+    assert [i for i in resp if i >= 256] == [tok.tok.token_to_id(t) for t in tags[:2]] + \
+        [tok.tok.token_to_id(t) for t in tags[2:]] + [tok.im_end_id]
+    assert len(resp) == 4 + len("a <|im_end|> b") + len("7") + 1  # bytes for the rest
