@@ -652,6 +652,17 @@ def vas_band(vas: float | None) -> str:
 
 # ---- prompts ----
 
+def prompt_content(record: dict) -> list[dict]:
+    """The user turn's content parts: the record's images, then build_prompt(record). A training
+    record whose question places its images with `<image>` (`image_placeholders` true, set by
+    train_grpo's reader) keeps each image where its placeholder is."""
+    text = build_prompt(record)
+    if record.get("image_placeholders"):
+        from data import _split_placeholders
+        return _split_placeholders(text)
+    return [{"type": "image"} for _ in record["images"]] + [{"type": "text", "text": text}]
+
+
 def encode_record(tok: Tokenizer, proc: ImageProcessor, record: dict) -> dict:
     """One question in the training format: default system turn, then a user turn holding the
     record's images followed by build_prompt(record), then the assistant header.
@@ -660,8 +671,7 @@ def encode_record(tok: Tokenizer, proc: ImageProcessor, record: dict) -> dict:
     names = [f"{record.get('benchmark')}: id {record['id']}: image {i}" for i in range(len(images))]
     pixel_values, grid = proc(images, names) if images else (None, None)
     n_tokens = [int(g.prod()) // proc.merge ** 2 for g in grid] if grid is not None else []
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": build_prompt(record)}]
-    enc = encode_chat(tok, [{"role": "user", "content": content}], n_tokens, add_generation_prompt=True)
+    enc = encode_chat(tok, [{"role": "user", "content": prompt_content(record)}], n_tokens, add_generation_prompt=True)
     return {"input_ids": enc["input_ids"], "roles": enc["roles"], "pixel_values": pixel_values,
             "image_grid_thw": grid}
 
