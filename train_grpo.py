@@ -332,7 +332,8 @@ def build_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     p.add_argument("--data", default="toy/rl.jsonl",
-                   help="jsonl of prompts with gold answers: {images, question, answer, options?, answer_type?}")
+                   help="prompts with gold answers, JSON lines or a .json array: {images, question (or EasyR1 problem), "
+                        "answer, options?, answer_type?}")
     p.add_argument("--model", default="runs/sft",
                    help="initial policy: a Hugging Face folder, or a run folder whose `latest` names one (train_sft.py's --out)")
     p.add_argument("--out", default="runs/grpo", help="checkpoints, metrics.jsonl, run_config.json")
