@@ -530,6 +530,8 @@ def read_records(path: str):
     whole cannot be read past the fault: that raises a DataError naming the line."""
     with open(path, "rb") as f:
         data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, as some editors write
+        data = data[3:]
     if data.lstrip()[:1] != b"[":  # JSON lines
         for lineno, raw in enumerate(data.split(b"\n"), 1):
             if raw.strip():

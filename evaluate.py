@@ -29,7 +29,8 @@ expressions (+ - * / ^, parentheses, \\frac, \\sqrt, \\pi) are read by a hand-wr
 Records (one dict per question):
   id           str, unique in the file
   images       list of image sources: a str is base64-encoded image bytes (VLMEvalKit TSV), a
-               pathlib.Path is a file, a PIL.Image.Image is used as is. load_images() decodes them;
+               pathlib.Path is a file, bytes are an encoded image (inline training images), a
+               PIL.Image.Image is used as is. load_images() decodes them (data.load_image);
                the readers already checked that each one decodes.
   question     str (a TSV "hint" is prepended as "Hint: ...")
   options      list[str], option A first; empty when the question is not multiple choice

@@ -173,6 +173,12 @@ def test_other_forms_are_refused_naming_file_and_line(tmp_path, tok, record, mes
     assert f"{arr}:" in str(e.value) and "(record 1)" in str(e.value)
 
 
+def test_json_array_with_byte_order_mark(tmp_path, tok):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"question": "Q", "response": "A"}]).encode())
+    assert len(SFTDataset(str(path), tok, ImageProcessor())) == 1
+
+
 def test_broken_json_array_names_the_line(tmp_path, tok):
     path = tmp_path / "broken.json"
     path.write_text('[\n  {"question": "Q", "response": "A"},\n  {"question": "Q" "response": "A"}\n]\n')
