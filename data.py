@@ -575,7 +575,7 @@ def read_records(path: str):
         raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: text after the end of the JSON array")
 
 
-def _split_placeholders(text: str) -> list[dict]:
+def split_placeholders(text: str) -> list[dict]:
     """"Look: <image> and <image>" -> [text "Look: ", image, text " and ", image] (empty text dropped)."""
     parts = []
     for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
@@ -641,7 +641,7 @@ def _as_parts(content, inline: list) -> list[dict]:
     """A message's content (str or list of parts) -> a list of text/image parts. Image parts that name
     their image append it to `inline`; `<image>` in any text is a placeholder (LLaMA-Factory form)."""
     if isinstance(content, str):
-        return _split_placeholders(content)
+        return split_placeholders(content)
     if not isinstance(content, list):
         raise ValueError(f"message content must be a string or a list of parts, not {type(content).__name__}")
     parts = []
@@ -654,7 +654,7 @@ def _as_parts(content, inline: list) -> list[dict]:
                 inline.append(src)
             parts.append({"type": "image"})
         elif part.get("type", "text") == "text" and isinstance(part.get("text"), str):
-            parts.extend(_split_placeholders(part["text"]))
+            parts.extend(split_placeholders(part["text"]))
         else:
             raise ValueError(f"unsupported content part {part!r:.80} (want type text, image or image_url)")
     return parts
@@ -712,10 +712,10 @@ def normalize_record(obj, base_dir: str, where: str = "record") -> Record:
             raise ValueError("Alpaca `history` must be a list of [prompt, response] string pairs")
         messages = []
         for q, a in history:
-            messages += [{"role": "user", "content": _split_placeholders(q)},
-                         {"role": "assistant", "content": _split_placeholders(a)}]
+            messages += [{"role": "user", "content": split_placeholders(q)},
+                         {"role": "assistant", "content": split_placeholders(a)}]
         prompt = "\n".join(x for x in (obj["instruction"], obj.get("input") or "") if x)
-        messages += [{"role": "user", "content": _split_placeholders(prompt)},
+        messages += [{"role": "user", "content": split_placeholders(prompt)},
                      {"role": "assistant", "content": [{"type": "text", "text": answer_text(obj["output"], "output")}]}]
     else:
         key = next((k for k in ("question", "problem", "prompt") if k in obj), None)
@@ -724,7 +724,7 @@ def normalize_record(obj, base_dir: str, where: str = "record") -> Record:
         rkey = next((k for k in ("response", "solution", "answer") if k in obj), None)
         if rkey is None:
             raise ValueError("a flat record needs a `response`/`solution` (or an `answer`)")
-        messages = [{"role": "user", "content": _split_placeholders(obj[key])},
+        messages = [{"role": "user", "content": split_placeholders(obj[key])},
                     {"role": "assistant", "content": [{"type": "text", "text": answer_text(obj[rkey], rkey)}]}]
 
     if system is not None:
@@ -792,7 +792,7 @@ class SFTDataset(torch.utils.data.Dataset):
         errors, long_errors = [], []
         self.stats = {"lines": 0, "kept": 0, "bad": 0, "too_long": 0, "with_images": 0, "text_only": 0}
         base = os.path.dirname(os.path.abspath(path))
-        sizes: dict[str, int] = {}  # image path -> tokens (an image shared by records is read once)
+        sizes: dict = {}  # image path (or bytes) -> tokens
         for where, obj, error in read_records(path):  # JSON lines or a JSON array
             self.stats["lines"] += 1
             try:

@@ -659,8 +659,8 @@ def prompt_content(record: dict) -> list[dict]:
     train_grpo's reader) keeps each image where its placeholder is."""
     text = build_prompt(record)
     if record.get("image_placeholders"):
-        from data import _split_placeholders
-        return _split_placeholders(text)
+        from data import split_placeholders
+        return split_placeholders(text)
     return [{"type": "image"} for _ in record["images"]] + [{"type": "text", "text": text}]
 
 

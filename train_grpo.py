@@ -442,8 +442,8 @@ class PromptDataset:
     SFT. Each record becomes an evaluate.py record, and `dataset[i]` is evaluate.encode_record of it:
     the default system turn, the images (where `<image>` placed them, else first), then
     evaluate.build_prompt(record) (question, "A. ..." option lines, the answer instruction), then
-    the assistant header. Train and eval prompts are so
-    the same by construction. Prompts longer than max_prompt_len tokens are dropped and counted.
+    the assistant header. Train and eval prompts are so the same by construction. Prompts longer
+    than max_prompt_len tokens are dropped and counted.
     """
 
     def __init__(self, path, tok, improc, max_prompt_len=None, skip_bad=False, max_errors=20):
