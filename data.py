@@ -467,6 +467,7 @@ class ImageProcessor:
 #   (a) chat (OpenAI / TRL / transformers)
 #         {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
 #                       {"role": "assistant", "content": "A"}], "images": ["a.png"]}
+#         {"prompt": [user message(s)], "completion": [assistant message], "images": [...]}  (TRL)
 #       content is a str or a list of parts; an image part may name its image itself, then without
 #       a top-level `images`: {"type": "image", "image" | "path" | "url": SRC}, {"type": "image",
 #       "base64": B64}, {"type": "image_url", "image_url": {"url": SRC}} (OpenAI).
@@ -504,6 +505,7 @@ IMAGE_PLACEHOLDER = "<image>"
 _ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
                  "model": "assistant", "bot": "assistant", "system": "system"}
 RECORD_FORMS = ('{"messages": [{"role", "content"}], "images"?} (OpenAI/TRL/LLaMA-Factory), '
+                '{"prompt", "completion"} (TRL), '
                 '{"conversations": [{"from", "value"}], "images"?} (ShareGPT), '
                 '{"instruction", "input"?, "output", "images"?} (Alpaca), '
                 '{"question" or "problem", "response" or "answer", "images"?} (flat/EasyR1)')
@@ -685,7 +687,15 @@ def normalize_record(obj, base_dir: str, where: str = "record") -> Record:
     if system is not None and not isinstance(system, str):
         raise ValueError("`system` must be a string")
 
+    for key in ("videos", "video", "audios", "audio"):
+        if obj.get(key):
+            raise ValueError(f"`{key}` are not supported: this project trains on images and text")
+
     inline: list = []
+    if isinstance(obj.get("prompt"), list) and isinstance(obj.get("completion"), list):
+        obj = {**obj, "messages": obj["prompt"] + obj["completion"]}  # TRL's conversational prompt-completion
+    elif isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
+        obj = {**obj, "question": obj["prompt"], "response": obj["completion"]}
     if "messages" in obj or "conversations" in obj:
         raw = obj["messages"] if "messages" in obj else obj["conversations"]
         if not isinstance(raw, list) or not raw:
@@ -721,7 +731,7 @@ def normalize_record(obj, base_dir: str, where: str = "record") -> Record:
         key = next((k for k in ("question", "problem", "prompt") if k in obj), None)
         if key is None or not isinstance(obj[key], str):
             raise ValueError(f"unknown record form (keys {sorted(obj)[:12]}); expected {RECORD_FORMS}")
-        rkey = next((k for k in ("response", "solution", "answer") if k in obj), None)
+        rkey = next((k for k in ("response", "solution", "answer", "completion") if k in obj), None)
         if rkey is None:
             raise ValueError("a flat record needs a `response`/`solution` (or an `answer`)")
         messages = [{"role": "user", "content": split_placeholders(obj[key])},

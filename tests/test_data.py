@@ -282,6 +282,22 @@ def test_every_mode_equals_transformers_pixel_values(tmp_path):
         assert (dropped - ref_proc(images=[im], return_tensors="pt")["pixel_values"]).abs().max() > 1
 
 
+def test_in_memory_modes_equal_transformers():
+    """Modes that arrive as PIL images rather than files (PA, premultiplied RGBa, RGBX, HSV,
+    big-endian 16-bit). "La" (premultiplied grey + alpha) is refused by PIL's convert in
+    transformers and here alike."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    rgba = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 50, 4), dtype=np.uint8), "RGBA")
+    ref_proc, ours = Qwen2VLImageProcessorPil(), ImageProcessor()
+    for im in [rgba.convert(m) for m in ("PA", "RGBa", "RGBX", "HSV")] + [rgba.convert("I").convert("I;16B")]:
+        assert torch.equal(ours([im])[0], ref_proc(images=[im], return_tensors="pt")["pixel_values"]), im.mode
+    la = rgba.convert("La")
+    for run in (lambda: ref_proc(images=[la]), lambda: ours([la])):
+        with pytest.raises(ValueError, match="conversion from La"):
+            run()
+
+
 def test_evaluate_images_go_through_the_same_conversion(tmp_path):
     """evaluate.load_images (paths, base64 TSV cells, PIL images) == data.load_image."""
     import base64

@@ -159,6 +159,8 @@ def test_control_strings_in_a_record_do_not_add_image_slots(folder, tok):
     ({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]},
                    {"role": "assistant", "content": "A"}]}, "want type text, image or image_url"),
     ({"instruction": "Q", "output": "A", "history": [["q"]]}, "pairs"),
+    ({"messages": [{"role": "user", "content": "<video>Q"}, {"role": "assistant", "content": "A"}],
+      "videos": ["a.mp4"]}, "`videos` are not supported"),
 ])
 def test_other_forms_are_refused_naming_file_and_line(tmp_path, tok, record, message):
     lines = [json.dumps({"question": "Q", "response": "A"}), json.dumps(record)]
@@ -184,6 +186,18 @@ def test_broken_json_array_names_the_line(tmp_path, tok):
     path.write_text('[\n  {"question": "Q", "response": "A"},\n  {"question": "Q" "response": "A"}\n]\n')
     with pytest.raises(DataError, match=rf"{path}:3: bad JSON in record 1"):
         SFTDataset(str(path), tok, ImageProcessor())
+
+
+def test_trl_prompt_completion_records():
+    """TRL's prompt-completion forms, conversational (with a vision dataset's `images`) and plain."""
+    conv = normalize_record({"prompt": [{"role": "user", "content": [IMG, text("What color?")]}],
+                             "completion": [{"role": "assistant", "content": [text("Red.")]}],
+                             "images": ["a.png"]}, "/d")
+    assert conv.messages == [{"role": "user", "content": [IMG, text("What color?")]},
+                             {"role": "assistant", "content": [text("Red.")]}] and conv.images == ["/d/a.png"]
+    plain = normalize_record({"prompt": "2+2=", "completion": "4"}, "/d")
+    assert plain.messages == [{"role": "user", "content": [text("2+2=")]},
+                              {"role": "assistant", "content": [text("4")]}] and plain.images == []
 
 
 def test_alpaca_record():
