@@ -9,7 +9,8 @@ recovered from decoded text); the formulas of vas.py select tokens by these role
                  <|vision_end|>, the `<|im_start|>assistant\\n` header, the `\\n` after a reply
     RESPONSE (R) the assistant's content and the `<|im_end|>` closing it (what SFT trains on)
 
-The image processor reproduces transformers' Qwen2VLImageProcessor (PIL path) exactly:
+The image processor reproduces transformers' Qwen2VLImageProcessor (PIL path) exactly, transparent
+images composited on white as its convert_to_rgb does (`to_rgb`):
 `ImageProcessor(min_pixels, max_pixels)(images) -> (pixel_values (N, 1176), image_grid_thw (n, 3))`.
 
 The toy world and the data synthesis (the end of this file):
@@ -73,6 +74,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -92,6 +94,10 @@ QWEN_SPECIAL_TOKENS = [  # ids 151643.. in Qwen2 / Qwen2.5-VL; the toy tokenizer
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
+# The markers the chat format and the vision inputs give meaning to. encode_chat never matches them
+# inside record text: there they are plain text (see encode_chat).
+CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 # --------------------------------------------------------------------------------------------
 # Tokenizer
@@ -129,12 +135,21 @@ class Tokenizer:
         self.pad_id = self.endoftext_id
         self.stop_ids = (self.im_end_id, self.endoftext_id)
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        # for record text: the same tokenizer (same ids) in which only the control tokens are
+        # "special", encoded with encode_special_tokens (tokenizers' split_special_tokens): those
+        # are split into ordinary pieces, every other added token is still matched
+        spec = json.loads(self.tok.to_str())
+        for t in spec["added_tokens"]:
+            t["special"] = t["content"] in CONTROL_TOKENS
+        self.text_tok = HFTokenizer.from_str(json.dumps(spec))
+        self.text_tok.encode_special_tokens = True
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_with_offsets(self, text: str):
-        enc = self.tok.encode(text, add_special_tokens=False)
+        """Record text -> (ids, start offsets); CONTROL_TOKENS in it stay plain text."""
+        enc = self.text_tok.encode(text, add_special_tokens=False)
         return enc.ids, [o[0] for o in enc.offsets]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -222,6 +237,14 @@ def encode_chat(tok: Tokenizer, messages: list[dict], image_tokens: list[int] | 
     image_tokens: number of <|image_pad|> slots for each image in order (t*h*w/4 of its grid).
     Returns LongTensors input_ids (T,), labels (T,) (assistant content + <|im_end|>, else -100)
     and roles (T,). Equal to `apply_chat_template` + the Qwen tokenizer on the same messages.
+
+    Record text is data, never control: the markers of CONTROL_TOKENS (<|im_start|>, <|im_end|>,
+    <|vision_start|>, <|image_pad|>, <|endoftext|>, ...) come only from the structure built here;
+    written inside a message's text they are encoded as ordinary BPE pieces, as transformers'
+    `split_special_tokens=True` encodes them. So a question quoting "<|image_pad|>" cannot add an
+    image slot, nor an answer holding "<|im_end|>" end its turn or shift the loss mask. Every other
+    added token (e.g. <think> or <tool_call>, special or not) is matched as the tokenizer defines
+    it, so a response's reasoning tags keep the ids the released checkpoints were trained with.
 
     Text between two special tokens is tokenized as one string (as the reference tokenizes the
     whole rendered prompt), so BPE merges across e.g. "assistant\\n" + reply are kept; each token
@@ -317,18 +340,45 @@ def smart_resize(h: int, w: int, factor: int = 28, min_pixels: int = 3136, max_p
     return hb, wb
 
 
-def load_image(path: str) -> Image.Image:
-    """Open and fully decode an image file; unreadable, empty or truncated files raise naming it."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: image file does not exist")
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"{path}: image file is empty")
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as transformers' `convert_to_rgb` makes it (the image processor's first step): an image
+    with an alpha band or a `transparency` entry (RGBA, LA, PA, P or L or RGB with a PNG tRNS chunk,
+    GIF transparency) is composited on white; every other mode is PIL's plain convert("RGB")
+    (1, L, P, CMYK, YCbCr, I, I;16, F, ...). Dropping the alpha instead would show the hidden
+    colours of transparent pixels (the background of most chart PNGs). As in transformers, "has
+    alpha" is decided by the band names, so LAB (whose bands are L, A, B) takes the compositing
+    path too; it is opaque, so the result is its plain conversion."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(src, name: str | None = None) -> Image.Image:
+    """Open and fully decode an image -> RGB (`to_rgb`). src: a file path, the file's bytes, or a
+    PIL image. Unreadable, empty or truncated data raise a ValueError naming it (`name`, else the
+    path); a missing file is a FileNotFoundError."""
+    if isinstance(src, Image.Image):
+        return to_rgb(src)
+    if isinstance(src, (bytes, bytearray)):
+        name = name or "image bytes"
+        if not src:
+            raise ValueError(f"{name}: image data is empty")
+        fp = io.BytesIO(src)
+    else:
+        fp = os.fspath(src)
+        name = name or fp
+        if not os.path.exists(fp):
+            raise FileNotFoundError(f"{name}: image file does not exist")
+        if os.path.getsize(fp) == 0:
+            raise ValueError(f"{name}: image file is empty")
     try:
-        with Image.open(path) as im:
+        with Image.open(fp) as im:
             im.load()  # decodes now: a truncated file fails here, not later in a batch
-            return im.convert("RGB")
+            return to_rgb(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: cannot decode image ({e})") from e
+        raise ValueError(f"{name}: cannot decode image ({e})") from e
 
 
 class ImageProcessor:
@@ -377,7 +427,7 @@ class ImageProcessor:
         return t * h * w // self.merge ** 2
 
     def process_one(self, image: Image.Image, name: str = "image"):
-        image = image.convert("RGB")
+        image = to_rgb(image)
         _, gh, gw = self.grid(image, name)
         hb, wb = gh * self.patch, gw * self.patch
         arr = np.asarray(image.resize((wb, hb), resample=Image.BICUBIC))  # uint8 (H, W, 3)
@@ -390,12 +440,13 @@ class ImageProcessor:
         return x.reshape(gh * gw, 3 * self.tpatch * p * p), (1, gh, gw)
 
     def __call__(self, images, names=None):
-        """images: PIL images or file paths -> (pixel_values (N, 1176) float32, image_grid_thw (n, 3))."""
+        """images: PIL images, file paths or encoded image bytes
+        -> (pixel_values (N, 1176) float32, image_grid_thw (n, 3))."""
         rows, grids = [], []
         for i, im in enumerate(images):
-            name = names[i] if names else (im if isinstance(im, str) else f"image {i}")
-            if isinstance(im, str):
-                im = load_image(im)
+            name = names[i] if names else (os.fspath(im) if isinstance(im, (str, os.PathLike)) else f"image {i}")
+            if not isinstance(im, Image.Image):
+                im = load_image(im, name)
             px, g = self.process_one(im, name)
             rows.append(px)
             grids.append(g)
@@ -406,23 +457,39 @@ class ImageProcessor:
 
 # ---- datasets: records, validation, batching ----
 #
-# A training file is JSON lines, one record a line, in any of the forms people already have; all
-# are normalised into one internal form, `Record(messages, images, where)`: chat messages as
-# encode_chat takes them (content a list of {"type": "text", "text"} / {"type": "image"} parts, in
-# order) and the image paths, resolved against the folder of the jsonl file.
+# A training file holds records in any of the forms people already have, either as JSON lines (one
+# record a line) or as one JSON array of records (LLaMA-Factory's .json files; a file whose first
+# character is "[" is read as an array whatever its name). All are normalised into one internal
+# form, `Record(messages, images, where)`: chat messages as encode_chat takes them (content a list of
+# {"type": "text", "text"} / {"type": "image"} parts, in order) and the image sources: file paths
+# resolved against the folder of the data file, or the image bytes of an inline image.
 #
-#   (a) chat           {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
-#                                    {"role": "assistant", "content": "A"}], "images": ["a.png"]}
-#                      (content a str or a list of parts; an image part may also name its file:
-#                       {"type": "image", "image": "a.png"}, then without a top-level `images`)
-#   (b) LLaMA-Factory  {"messages": [{"role": "user", "content": "<image>Q"}, ...], "images": ["a.png"]}
-#                      {"conversations": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"}],
-#                       "images": ["a.png"], "system": "S"}
-#   (c) flat           {"image": "a.png" (or "images": [...]), "question" (or "problem"): "Q",
-#                       "response" (or "solution"): "A", "answer": "...", "system": "S"}
-#                      Images go before the question unless it places them with `<image>`. `answer`
-#                      is the response only when there is no response/solution (the paper's responses
-#                      hold their own <answer>...</answer>); otherwise it is ignored.
+#   (a) chat (OpenAI / TRL / transformers)
+#         {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
+#                       {"role": "assistant", "content": "A"}], "images": ["a.png"]}
+#         {"prompt": [user message(s)], "completion": [assistant message], "images": [...]}  (TRL)
+#       content is a str or a list of parts; an image part may name its image itself, then without
+#       a top-level `images`: {"type": "image", "image" | "path" | "url": SRC}, {"type": "image",
+#       "base64": B64}, {"type": "image_url", "image_url": {"url": SRC}} (OpenAI).
+#   (b) LLaMA-Factory
+#         {"messages": [{"role": "user", "content": "<image>Q"}, ...], "images": ["a.png"]}
+#         {"conversations": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"}],
+#          "images": ["a.png"], "system": "S"}                                        (ShareGPT)
+#         {"instruction": "Q", "input": "more", "output": "A", "history": [["q0", "a0"]],
+#          "images": [...], "system": "S"}                                            (Alpaca)
+#   (c) flat / EasyR1
+#         {"images": [...] (or "image"), "question" | "problem" | "prompt": "Q",
+#          "response" | "solution": "A", "answer": "...", "system": "S"}
+#       `answer` (a string or a number) is the response only when there is no response/solution
+#       (the paper's responses hold their own <answer>...</answer>); otherwise it is ignored here.
+#
+# An image SRC is a file path (relative to the data file's folder), a file:// URL or a data: URL
+# (base64); an entry of `images` may also be a dict {"bytes": ..., "path": ...} as EasyR1 and
+# Hugging Face datasets store images (bytes: base64 or a data: URL; used when given, else path).
+# Remote (http) URLs are refused: download the images first.
+# `<image>` in any text is a placeholder and the image goes exactly there (also mid-question);
+# placeholders and images must then match in number. A record with images but no placeholder and no
+# image part at all shows them at the start of its first user turn (as LLaMA-Factory does).
 #
 # Text-only records (no images) are first-class: the paper compares text-only and multimodal
 # cold-start data. A top-level "system" (any form) becomes the system turn; without one, encode_chat
@@ -431,12 +498,17 @@ class ImageProcessor:
 # SFTDataset reads the file once and validates every record before training starts: parsed,
 # normalised, every image found and its header readable (its size gives the number of image tokens
 # without decoding the pixels), placeholders == images, at least one assistant turn, and the
-# tokenized length (image tokens expanded) within max_len. Only text and paths are kept in memory;
-# images are decoded when a batch is built (`dataset[i]`).
+# tokenized length (image tokens expanded) within max_len. Only text and paths (or an inline image's
+# bytes) are kept in memory; images are decoded when a batch is built (`dataset[i]`).
 
 IMAGE_PLACEHOLDER = "<image>"
 _ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
                  "model": "assistant", "bot": "assistant", "system": "system"}
+RECORD_FORMS = ('{"messages": [{"role", "content"}], "images"?} (OpenAI/TRL/LLaMA-Factory), '
+                '{"prompt", "completion"} (TRL), '
+                '{"conversations": [{"from", "value"}], "images"?} (ShareGPT), '
+                '{"instruction", "input"?, "output", "images"?} (Alpaca), '
+                '{"question" or "problem", "response" or "answer", "images"?} (flat/EasyR1)')
 
 
 class DataError(ValueError):
@@ -446,14 +518,66 @@ class DataError(ValueError):
 class Record:
     __slots__ = ("messages", "images", "where")
 
-    def __init__(self, messages: list[dict], images: list[str], where: str):
+    def __init__(self, messages: list[dict], images: list, where: str):
         self.messages, self.images, self.where = messages, images, where
 
     def __repr__(self):
         return f"Record({self.where}, {len(self.messages)} messages, {len(self.images)} images)"
 
 
-def _split_placeholders(text: str) -> list[dict]:
+def read_records(path: str):
+    """The records of a data file, in order: yields (where, obj, error) with `where` naming the file
+    and line ("f.jsonl:7", or "f.json:12 (record 3)" in an array) and either the parsed JSON value
+    or, for a line that is not JSON / not UTF-8, the error. An array that is not valid JSON as a
+    whole cannot be read past the fault: that raises a DataError naming the line."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, as some editors write
+        data = data[3:]
+    if data.lstrip()[:1] != b"[":  # JSON lines
+        for lineno, raw in enumerate(data.split(b"\n"), 1):
+            if raw.strip():
+                where = f"{path}:{lineno}"
+                try:
+                    yield where, json.loads(raw.decode("utf-8")), None
+                except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                    hint = " (a data file is JSON lines, one record a line, or one JSON array of records)" \
+                        if isinstance(e, json.JSONDecodeError) and lineno == 1 else ""
+                    yield where, None, ValueError(f"bad JSON line: {e}{hint}")
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 ({e.reason})") from None
+    decoder, pos, n = json.JSONDecoder(), text.index("[") + 1, 0
+    space = re.compile(r"\s*")
+    while True:
+        pos = space.match(text, pos).end()
+        if n == 0 and text.startswith("]", pos):
+            pos += 1
+            break
+        line = text.count("\n", 0, pos) + 1
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: bad JSON in record {n} of the array: {e.msg} "
+                            f"(column {e.colno})") from None
+        yield f"{path}:{line} (record {n})", obj, None
+        n += 1
+        pos = space.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos += 1
+        elif text.startswith("]", pos):
+            pos += 1
+            break
+        else:
+            raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: expected ',' or ']' after record {n - 1}")
+    if text[pos:].strip():
+        raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: text after the end of the JSON array")
+
+
+def split_placeholders(text: str) -> list[dict]:
     """"Look: <image> and <image>" -> [text "Look: ", image, text " and ", image] (empty text dropped)."""
     parts = []
     for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
@@ -464,47 +588,114 @@ def _split_placeholders(text: str) -> list[dict]:
     return parts
 
 
+def _decode_b64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except ValueError as e:
+        raise ValueError(f"{what} is not valid base64 ({e})") from None
+
+
+def image_source(src, base_dir: str):
+    """One image reference of a record -> a file path (str) or the image's bytes.
+    src: a path (relative to base_dir), a file:// URL, a data: URL, or a dict {"bytes", "path"}."""
+    if isinstance(src, dict):  # EasyR1 / Hugging Face datasets' Image: bytes first, else the path
+        if src.get("bytes") is not None:
+            b = src["bytes"]
+            if isinstance(b, list) and all(isinstance(x, int) and 0 <= x < 256 for x in b):
+                return bytes(b)
+            if not isinstance(b, str):
+                raise ValueError("an image's `bytes` must be base64 text or a data: URL")
+            return image_source(b, base_dir) if b.startswith("data:") else _decode_b64(b, "an image's `bytes`")
+        if isinstance(src.get("path"), str):
+            return image_source(src["path"], base_dir)
+        raise ValueError(f"an image dict needs `bytes` or `path`, not keys {sorted(src)}")
+    if not isinstance(src, str) or not src:
+        raise ValueError(f"an image must be a path, a file:// or data: URL, or a {{bytes, path}} dict, not {src!r:.80}")
+    if src.startswith("data:"):
+        head, sep, body = src.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise ValueError(f"a data: URL image must be base64 (data:image/png;base64,...), not {src[:40]!r}")
+        return _decode_b64(body, "a data: URL image")
+    if src.startswith("file://"):
+        src = urllib.request.url2pathname(urllib.parse.urlparse(src).path)
+    elif re.match(r"[a-z][a-z0-9+.-]*://", src, re.I):
+        raise ValueError(f"remote image {src[:80]!r}: download the images first and name the files")
+    return os.path.join(base_dir, os.path.expanduser(src))
+
+
+def _image_part_source(part: dict):
+    """The image an image part names itself (None when it names none: `images` then supplies it)."""
+    if part.get("type") == "image_url" or "image_url" in part:
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if not isinstance(url, str):
+            raise ValueError('an image_url part must be {"type": "image_url", "image_url": {"url": ...}}')
+        return url
+    for key in ("image", "path", "url"):
+        if part.get(key) is not None:
+            return part[key]
+    if part.get("base64") is not None:
+        return "data:;base64," + part["base64"]
+    return None
+
+
 def _as_parts(content, inline: list) -> list[dict]:
     """A message's content (str or list of parts) -> a list of text/image parts. Image parts that name
-    their file append it to `inline`; `<image>` in any text is a placeholder (LLaMA-Factory form)."""
+    their image append it to `inline`; `<image>` in any text is a placeholder (LLaMA-Factory form)."""
     if isinstance(content, str):
-        return _split_placeholders(content)
+        return split_placeholders(content)
     if not isinstance(content, list):
         raise ValueError(f"message content must be a string or a list of parts, not {type(content).__name__}")
     parts = []
     for part in content:
         if not isinstance(part, dict):
-            raise ValueError(f"content part {part!r} is not an object")
-        if part.get("type") == "image" or "image" in part:
-            src = part.get("image")
+            raise ValueError(f"content part {part!r:.80} is not an object")
+        if part.get("type") in ("image", "image_url") or "image" in part or "image_url" in part:
+            src = _image_part_source(part)
             if src is not None:
-                if not isinstance(src, str):
-                    raise ValueError("an image part's `image` must be a file path")
                 inline.append(src)
             parts.append({"type": "image"})
         elif part.get("type", "text") == "text" and isinstance(part.get("text"), str):
-            parts.extend(_split_placeholders(part["text"]))
+            parts.extend(split_placeholders(part["text"]))
         else:
-            raise ValueError(f"unsupported content part {part!r} (want type text or image)")
+            raise ValueError(f"unsupported content part {part!r:.80} (want type text, image or image_url)")
     return parts
 
 
+def answer_text(value, key: str):
+    """A response or answer field -> str; numbers (EasyR1 answers) are written as JSON writes them."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
+    raise ValueError(f"`{key}` must be a string or a number, not {type(value).__name__}")
+
+
 def normalize_record(obj, base_dir: str, where: str = "record") -> Record:
-    """One parsed JSON record in any supported form -> Record. Raises ValueError saying what is wrong."""
+    """One parsed JSON record in any supported form -> Record. Raises ValueError saying what is wrong
+    (the callers prefix `where`)."""
     if not isinstance(obj, dict):
-        raise ValueError(f"a record must be a JSON object, not {type(obj).__name__}")
+        raise ValueError(f"a record must be a JSON object, not {type(obj).__name__}; expected {RECORD_FORMS}")
     images = obj.get("images", obj.get("image"))
     if images is None:
         images = []
-    elif isinstance(images, str):
+    elif isinstance(images, (str, dict)):
         images = [images]
-    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-        raise ValueError("`images` must be a list of file paths (or `image` one path)")
+    if not isinstance(images, list):
+        raise ValueError("`images` must be a list of images (paths, URLs or {bytes, path} dicts)")
     system = obj.get("system")
     if system is not None and not isinstance(system, str):
         raise ValueError("`system` must be a string")
 
-    inline: list[str] = []
+    for key in ("videos", "video", "audios", "audio"):
+        if obj.get(key):
+            raise ValueError(f"`{key}` are not supported: this project trains on images and text")
+
+    inline: list = []
+    if isinstance(obj.get("prompt"), list) and isinstance(obj.get("completion"), list):
+        obj = {**obj, "messages": obj["prompt"] + obj["completion"]}  # TRL's conversational prompt-completion
+    elif isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
+        obj = {**obj, "question": obj["prompt"], "response": obj["completion"]}
     if "messages" in obj or "conversations" in obj:
         raw = obj["messages"] if "messages" in obj else obj["conversations"]
         if not isinstance(raw, list) or not raw:
@@ -512,7 +703,7 @@ def normalize_record(obj, base_dir: str, where: str = "record") -> Record:
         messages = []
         for m in raw:
             if not isinstance(m, dict):
-                raise ValueError(f"message {m!r} is not an object")
+                raise ValueError(f"message {m!r:.80} is not an object")
             role = m.get("role", m.get("from"))
             content = m["content"] if "content" in m else m.get("value")
             if role not in _ROLE_ALIASES:
@@ -520,18 +711,31 @@ def normalize_record(obj, base_dir: str, where: str = "record") -> Record:
             if content is None:
                 raise ValueError(f"a {role} message has no content")
             messages.append({"role": _ROLE_ALIASES[role], "content": _as_parts(content, inline)})
+    elif "instruction" in obj:  # Alpaca: prompt "instruction\ninput", earlier turns in `history`
+        if not isinstance(obj["instruction"], str) or not isinstance(obj.get("input", ""), str):
+            raise ValueError("Alpaca `instruction` and `input` must be strings")
+        if "output" not in obj:
+            raise ValueError("Alpaca record without `output`")
+        history = obj.get("history") or []
+        if not isinstance(history, list) or not all(
+                isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history):
+            raise ValueError("Alpaca `history` must be a list of [prompt, response] string pairs")
+        messages = []
+        for q, a in history:
+            messages += [{"role": "user", "content": split_placeholders(q)},
+                         {"role": "assistant", "content": split_placeholders(a)}]
+        prompt = "\n".join(x for x in (obj["instruction"], obj.get("input") or "") if x)
+        messages += [{"role": "user", "content": split_placeholders(prompt)},
+                     {"role": "assistant", "content": [{"type": "text", "text": answer_text(obj["output"], "output")}]}]
     else:
-        question = next((obj[k] for k in ("question", "problem", "prompt") if k in obj), None)
-        response = next((obj[k] for k in ("response", "solution") if k in obj), obj.get("answer"))
-        if not isinstance(question, str):
-            raise ValueError("no `messages`, `conversations` or `question`/`problem` string: unknown record form")
-        if not isinstance(response, str):
-            raise ValueError("flat record without a `response`/`solution` (or `answer`) string")
-        parts = _split_placeholders(question)
-        if IMAGE_PLACEHOLDER not in question:  # no placement given: images first, as Qwen's examples do
-            parts = [{"type": "image"} for _ in images] + parts
-        messages = [{"role": "user", "content": parts},
-                    {"role": "assistant", "content": [{"type": "text", "text": response}]}]
+        key = next((k for k in ("question", "problem", "prompt") if k in obj), None)
+        if key is None or not isinstance(obj[key], str):
+            raise ValueError(f"unknown record form (keys {sorted(obj)[:12]}); expected {RECORD_FORMS}")
+        rkey = next((k for k in ("response", "solution", "answer", "completion") if k in obj), None)
+        if rkey is None:
+            raise ValueError("a flat record needs a `response`/`solution` (or an `answer`)")
+        messages = [{"role": "user", "content": split_placeholders(obj[key])},
+                    {"role": "assistant", "content": [{"type": "text", "text": answer_text(obj[rkey], rkey)}]}]
 
     if system is not None:
         if messages[0]["role"] == "system":
@@ -546,14 +750,36 @@ def normalize_record(obj, base_dir: str, where: str = "record") -> Record:
             raise ValueError("images named both in content parts and in `images`")
         images = inline
     n_slots = sum(p["type"] == "image" for m in messages for p in m["content"])
-    if n_slots != len(images):
+    if n_slots == 0 and images:  # no placement given: the images open the first user turn
+        first = next((m for m in messages if m["role"] == "user"), None)
+        if first is None:
+            raise ValueError("images but no user turn to show them in")
+        first["content"] = [{"type": "image"} for _ in images] + first["content"]
+    elif n_slots != len(images):
         raise ValueError(f"{n_slots} image placeholders but {len(images)} images")
-    paths = [os.path.join(base_dir, os.path.expanduser(p)) for p in images]
-    return Record(messages, paths, where)
+    return Record(messages, [image_source(src, base_dir) for src in images], where)
+
+
+def image_tokens(src, improc: "ImageProcessor", check: str = "header", name: str | None = None) -> int:
+    """How many <|image_pad|> slots an image takes: from its header (check="header": size only, fast)
+    or after decoding it fully (check="full"). src: a file path or the image's bytes."""
+    name = name or (src if isinstance(src, str) else "inline image")
+    if isinstance(src, str) and not os.path.exists(src):
+        raise FileNotFoundError(f"{src}: image file does not exist")
+    if check == "full":
+        im = load_image(src, name)
+    else:
+        try:
+            im = Image.open(src if isinstance(src, str) else io.BytesIO(src))  # the header: size, mode
+            im.close()
+        except Exception as e:  # OSError, SyntaxError, DecompressionBombError, ...
+            raise ValueError(f"{name}: cannot read image header ({e})") from e
+    return improc.num_tokens(im, name)
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    """Validated SFT records of one jsonl file; `dataset[i]` tokenizes record i and decodes its images.
+    """Validated SFT records of one data file (JSON lines or a JSON array, any form above);
+    `dataset[i]` tokenizes record i and decodes its images.
 
     max_len:     longest allowed sequence (image tokens included); None = no limit.
     on_long:     "drop" (count and drop records over max_len) or "error". A record is never cut:
@@ -576,30 +802,28 @@ class SFTDataset(torch.utils.data.Dataset):
         errors, long_errors = [], []
         self.stats = {"lines": 0, "kept": 0, "bad": 0, "too_long": 0, "with_images": 0, "text_only": 0}
         base = os.path.dirname(os.path.abspath(path))
-        sizes: dict[str, int] = {}  # image path -> tokens (an image shared by records is read once)
-        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is an error of that line
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                self.stats["lines"] += 1
-                where = f"{path}:{lineno}"
-                try:
-                    rec = normalize_record(json.loads(raw.decode("utf-8")), base, where)
-                    n_tok = [self._image_tokens(p, sizes, check_images) for p in rec.images]
-                    length = len(encode_chat(tok, rec.messages, n_tok)["input_ids"])
-                except (ValueError, TypeError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError: ValueError
-                    self.stats["bad"] += 1
-                    errors.append(f"{where}: {e}")
-                    continue
-                if max_len is not None and length > max_len:
-                    self.stats["too_long"] += 1
-                    if on_long == "error":
-                        long_errors.append(f"{where}: {length} tokens (with {sum(n_tok)} image tokens) "
-                                           f"is over --max-len {max_len}")
-                    continue
-                self.records.append(rec)
-                self.lengths.append(length)
-                self.n_images.append(len(rec.images))
+        sizes: dict = {}  # image path (or bytes) -> tokens
+        for where, obj, error in read_records(path):  # JSON lines or a JSON array
+            self.stats["lines"] += 1
+            try:
+                if error is not None:
+                    raise error
+                rec = normalize_record(obj, base, where)
+                n_tok = [self._image_tokens(p, sizes, check_images) for p in rec.images]
+                length = len(encode_chat(tok, rec.messages, n_tok)["input_ids"])
+            except (ValueError, TypeError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError: ValueError
+                self.stats["bad"] += 1
+                errors.append(f"{where}: {e}")
+                continue
+            if max_len is not None and length > max_len:
+                self.stats["too_long"] += 1
+                if on_long == "error":
+                    long_errors.append(f"{where}: {length} tokens (with {sum(n_tok)} image tokens) "
+                                       f"is over --max-len {max_len}")
+                continue
+            self.records.append(rec)
+            self.lengths.append(length)
+            self.n_images.append(len(rec.images))
         self.stats["kept"] = len(self.records)
         self.stats["with_images"] = sum(n > 0 for n in self.n_images)
         self.stats["text_only"] = len(self.records) - self.stats["with_images"]
@@ -613,20 +837,10 @@ class SFTDataset(torch.utils.data.Dataset):
         if not self.records:
             raise DataError(f"{path}: no usable records ({self.stats})")
 
-    def _image_tokens(self, path: str, cache: dict, check: str) -> int:
-        if path not in cache:
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{path}: image file does not exist")
-            if check == "full":
-                im = load_image(path)
-            else:
-                try:
-                    im = Image.open(path)  # reads the header only: size, mode; pixels stay on disk
-                    im.close()
-                except Exception as e:  # OSError, SyntaxError, DecompressionBombError, ...
-                    raise ValueError(f"{path}: cannot read image header ({e})") from e
-            cache[path] = self.improc.num_tokens(im, path)
-        return cache[path]
+    def _image_tokens(self, src, cache: dict, check: str) -> int:
+        if src not in cache:  # an image shared by records is read once
+            cache[src] = image_tokens(src, self.improc, check)
+        return cache[src]
 
     def __len__(self):
         return len(self.records)

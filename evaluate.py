@@ -29,7 +29,8 @@ expressions (+ - * / ^, parentheses, \\frac, \\sqrt, \\pi) are read by a hand-wr
 Records (one dict per question):
   id           str, unique in the file
   images       list of image sources: a str is base64-encoded image bytes (VLMEvalKit TSV), a
-               pathlib.Path is a file, a PIL.Image.Image is used as is. load_images() decodes them;
+               pathlib.Path is a file, bytes are an encoded image (inline training images), a
+               PIL.Image.Image is used as is. load_images() decodes them (data.load_image);
                the readers already checked that each one decodes.
   question     str (a TSV "hint" is prepended as "Hint: ...")
   options      list[str], option A first; empty when the question is not multiple choice
@@ -374,10 +375,13 @@ def _b64_bytes(text: str) -> bytes:
 
 
 def _open_rgb(src) -> Image.Image:
-    if isinstance(src, Image.Image):
-        return src.convert("RGB")
-    with Image.open(src if isinstance(src, Path) else io.BytesIO(_b64_bytes(src))) as im:
-        return im.convert("RGB")  # convert() decodes the pixels, so closing the file is safe
+    """One image source -> RGB exactly as transformers' processor sees it (data.load_image:
+    transparency composited on white)."""
+    from data import load_image
+
+    if isinstance(src, str):  # base64 (VLMEvalKit TSV)
+        src = _b64_bytes(src)
+    return load_image(src)
 
 
 def load_images(record: dict) -> list[Image.Image]:
@@ -657,6 +661,17 @@ def vas_band(vas: float | None) -> str:
 
 # ---- prompts ----
 
+def prompt_content(record: dict) -> list[dict]:
+    """The user turn's content parts: the record's images, then build_prompt(record). A training
+    record whose question places its images with `<image>` (`image_placeholders` true, set by
+    train_grpo's reader) keeps each image where its placeholder is."""
+    text = build_prompt(record)
+    if record.get("image_placeholders"):
+        from data import split_placeholders
+        return split_placeholders(text)
+    return [{"type": "image"} for _ in record["images"]] + [{"type": "text", "text": text}]
+
+
 def encode_record(tok: Tokenizer, proc: ImageProcessor, record: dict) -> dict:
     """One question in the training format: default system turn, then a user turn holding the
     record's images followed by build_prompt(record), then the assistant header.
@@ -665,8 +680,7 @@ def encode_record(tok: Tokenizer, proc: ImageProcessor, record: dict) -> dict:
     names = [f"{record.get('benchmark')}: id {record['id']}: image {i}" for i in range(len(images))]
     pixel_values, grid = proc(images, names) if images else (None, None)
     n_tokens = [int(g.prod()) // proc.merge ** 2 for g in grid] if grid is not None else []
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": build_prompt(record)}]
-    enc = encode_chat(tok, [{"role": "user", "content": content}], n_tokens, add_generation_prompt=True)
+    enc = encode_chat(tok, [{"role": "user", "content": prompt_content(record)}], n_tokens, add_generation_prompt=True)
     return {"input_ids": enc["input_ids"], "roles": enc["roles"], "pixel_values": pixel_values,
             "image_grid_thw": grid}
 

@@ -322,8 +322,8 @@ from pathlib import Path  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import evaluate  # noqa: E402
-from data import (PAD_ROLE, RESPONSE, DataError, ImageProcessor, Tokenizer, encode_chat, epoch_batches,  # noqa: E402
-                  normalize_record)
+from data import (IMAGE_PLACEHOLDER, PAD_ROLE, RESPONSE, DataError, ImageProcessor, Tokenizer,  # noqa: E402
+                  answer_text, encode_chat, epoch_batches, image_tokens, normalize_record, read_records)
 
 
 def build_parser():
@@ -332,7 +332,8 @@ def build_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     p.add_argument("--data", default="toy/rl.jsonl",
-                   help="jsonl of prompts with gold answers: {images, question, answer, options?, answer_type?}")
+                   help="prompts with gold answers, JSON lines or a .json array: {images, question (or EasyR1 problem), "
+                        "answer, options?, answer_type?}")
     p.add_argument("--model", default="runs/sft",
                    help="initial policy: a Hugging Face folder, or a run folder whose `latest` names one (train_sft.py's --out)")
     p.add_argument("--out", default="runs/grpo", help="checkpoints, metrics.jsonl, run_config.json")
@@ -418,22 +419,31 @@ def print0(*a, **k):
 # ---------------------------------------------------------------------------------------------
 
 def _question_of(rec):
-    """The text of a normalised record's first user turn (its image parts are counted, not kept)."""
-    for m in rec.messages:
-        if m["role"] == "user":
-            return "".join(p["text"] for p in m["content"] if p["type"] == "text").strip()
-    raise ValueError("no user turn")
+    """The text of a normalised record's single user turn, each image part written back as the
+    `<image>` placeholder, so the images stay where the record put them (evaluate.prompt_content)."""
+    users = [m for m in rec.messages if m["role"] == "user"]
+    if len(users) != 1:
+        raise ValueError(f"an RL record holds one user turn (the question), not {len(users)}")
+    parts = users[0]["content"]
+    k = 0  # images that open the question ("<image>\nQ"): images first, then the question, as in evaluation
+    while k < len(parts) and (parts[k]["type"] == "image" or not parts[k]["text"].strip()):
+        k += 1
+    n_lead = sum(p["type"] == "image" for p in parts[:k])
+    rest = "".join(p["text"] if p["type"] == "text" else IMAGE_PLACEHOLDER for p in parts[k:])
+    return IMAGE_PLACEHOLDER * n_lead + rest.strip()
 
 
 class PromptDataset:
     """RL records: images (or none), a question, the gold answer; options and answer_type optional.
 
-    Lines are read by data.normalize_record, the SFT reader (flat form {"image(s)", "question" or
-    "problem", "answer"}, also the chat forms with a top-level "answer"), so paths and errors follow
+    The file (JSON lines or a JSON array) is read by data.read_records and data.normalize_record, the
+    SFT reader (flat / EasyR1 form {"images", "question" or "problem", "answer" (a string or a
+    number)}, also the chat forms with a top-level "answer"), so images, paths and errors follow
     SFT. Each record becomes an evaluate.py record, and `dataset[i]` is evaluate.encode_record of it:
-    the default system turn, the images, then evaluate.build_prompt(record) (question, "A. ..."
-    option lines, the answer instruction), then the assistant header. Train and eval prompts are so
-    the same by construction. Prompts longer than max_prompt_len tokens are dropped and counted.
+    the default system turn, the images (where `<image>` placed them, else first), then
+    evaluate.build_prompt(record) (question, "A. ..." option lines, the answer instruction), then
+    the assistant header. Train and eval prompts are so the same by construction. Prompts longer
+    than max_prompt_len tokens are dropped and counted.
     """
 
     def __init__(self, path, tok, improc, max_prompt_len=None, skip_bad=False, max_errors=20):
@@ -444,42 +454,39 @@ class PromptDataset:
         self.stats = {"lines": 0, "kept": 0, "bad": 0, "too_long": 0, "with_images": 0, "text_only": 0}
         base = os.path.dirname(os.path.abspath(path))
         sizes = {}
-        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is an error of that line
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                self.stats["lines"] += 1
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(line.decode("utf-8"))
-                    rec = normalize_record(obj, base, where)
-                    answer = obj.get("answer")
-                    if not isinstance(answer, (str, int, float)) or str(answer).strip() == "":
-                        raise ValueError("no gold `answer`")
-                    options = obj.get("options") or []
-                    if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
-                        raise ValueError("`options` must be a list of strings")
-                    answer_type = obj.get("answer_type")
-                    if answer_type is not None and answer_type not in evaluate.ANSWER_TYPES:
-                        raise ValueError(f"answer_type {answer_type!r} not in {evaluate.ANSWER_TYPES}")
-                    record = dict(id=str(obj.get("id", where)), images=[Path(p) for p in rec.images],
-                                  question=_question_of(rec), options=options, answer=str(answer).strip(),
-                                  answer_type=answer_type or ("multi_choice" if options else None),
-                                  benchmark=Path(path).stem)
-                    n_img = [self._image_tokens(str(p), sizes) for p in record["images"]]
-                    content = [{"type": "image"} for _ in n_img] + [{"type": "text", "text": evaluate.build_prompt(record)}]
-                    length = len(encode_chat(tok, [{"role": "user", "content": content}], n_img,
-                                             add_generation_prompt=True)["input_ids"])
-                except (ValueError, OSError) as e:
-                    self.stats["bad"] += 1
-                    errors.append(f"{where}: {e}")
-                    continue
-                if max_prompt_len and length > max_prompt_len:
-                    self.stats["too_long"] += 1
-                    continue
-                self.records.append(record)
-                self.lengths.append(length)
-                self.where.append(where)
+        for where, obj, error in read_records(path):  # JSON lines or a JSON array
+            self.stats["lines"] += 1
+            try:
+                if error is not None:
+                    raise error
+                rec = normalize_record(obj, base, where)
+                if obj.get("answer") is None or answer_text(obj["answer"], "answer").strip() == "":
+                    raise ValueError("no gold `answer`")
+                answer = answer_text(obj["answer"], "answer")
+                options = obj.get("options") or []
+                if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+                    raise ValueError("`options` must be a list of strings")
+                answer_type = obj.get("answer_type")
+                if answer_type is not None and answer_type not in evaluate.ANSWER_TYPES:
+                    raise ValueError(f"answer_type {answer_type!r} not in {evaluate.ANSWER_TYPES}")
+                record = dict(id=str(obj.get("id", where)), question=_question_of(rec), options=options,
+                              images=[Path(p) if isinstance(p, str) else p for p in rec.images],
+                              image_placeholders=True, answer=answer.strip(),
+                              answer_type=answer_type or ("multi_choice" if options else None),
+                              benchmark=Path(path).stem)
+                n_img = [self._image_tokens(p, sizes) for p in rec.images]
+                length = len(encode_chat(tok, [{"role": "user", "content": evaluate.prompt_content(record)}],
+                                         n_img, add_generation_prompt=True)["input_ids"])
+            except (ValueError, OSError) as e:
+                self.stats["bad"] += 1
+                errors.append(f"{where}: {e}")
+                continue
+            if max_prompt_len and length > max_prompt_len:
+                self.stats["too_long"] += 1
+                continue
+            self.records.append(record)
+            self.lengths.append(length)
+            self.where.append(where)
         self.errors = errors
         self.stats["kept"] = len(self.records)
         self.stats["with_images"] = sum(bool(r["images"]) for r in self.records)
@@ -491,17 +498,10 @@ class PromptDataset:
         if not self.records:
             raise DataError(f"{path}: no usable records ({self.stats})")
 
-    def _image_tokens(self, path, cache):
-        if path not in cache:
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{path}: image file does not exist")
-            from PIL import Image
-            try:
-                with Image.open(path) as im:  # the header only: the size gives the token count
-                    cache[path] = self.improc.num_tokens(im, path)
-            except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-                raise ValueError(f"{path}: cannot read image header ({e})") from e
-        return cache[path]
+    def _image_tokens(self, src, cache):
+        if src not in cache:  # the header only: the size gives the token count
+            cache[src] = image_tokens(src, self.improc)
+        return cache[src]
 
     def __len__(self):
         return len(self.records)

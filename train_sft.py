@@ -64,7 +64,7 @@ from model import from_pretrained, save_pretrained  # noqa: E402
 parser = argparse.ArgumentParser(description="Cold-start SFT of Qwen2.5-VL with the attention-guided objective",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 # data
-parser.add_argument("--data", default="toy/sft.jsonl", help="jsonl of SFT records (chat, LLaMA-Factory or flat form)")
+parser.add_argument("--data", default="toy/sft.jsonl", help="SFT records, JSON lines or a .json array (OpenAI/TRL, LLaMA-Factory, flat/EasyR1 forms)")
 parser.add_argument("--model", default="toy/model", help="Hugging Face folder: config, safetensors, tokenizer.json")
 parser.add_argument("--out", default="runs/sft", help="checkpoints, metrics.jsonl, run_config.json")
 parser.add_argument("--max-len", type=int, default=8192, help="longest sequence in tokens, image tokens included")

@@ -88,16 +88,36 @@ def qwen_tok():
 
 
 def reference_ids(messages, n_pads, add_generation_prompt):
-    """transformers: render the shipped template, expand each <|image_pad|>, tokenize."""
+    """transformers: render the shipped template, expand each <|image_pad|>, tokenize. Record text
+    is data: a control marker written in a message is kept out of the template's structure (a
+    private-use stand-in while rendering) and tokenized with split_special_tokens=True."""
+    import re
+
     from transformers import PreTrainedTokenizerFast
 
+    from data import CONTROL_TOKENS
     hf = PreTrainedTokenizerFast(tokenizer_file=QWEN_TOKENIZER)
-    text = hf.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, tokenize=False,
+    stand_in = {c: chr(0xE000 + i) for i, c in enumerate(CONTROL_TOKENS)}
+
+    def hide(text):
+        for c, x in stand_in.items():
+            text = text.replace(c, x)
+        return text
+
+    hidden = [{**m, "content": hide(m["content"]) if isinstance(m["content"], str) else
+               [{**p, "text": hide(p["text"])} if "text" in p else p for p in m["content"]]} for m in messages]
+    text = hf.apply_chat_template(hidden, chat_template=CHAT_TEMPLATE, tokenize=False,
                                   add_generation_prompt=add_generation_prompt)
-    parts = text.split("<|image_pad|>")
-    assert len(parts) == len(n_pads) + 1
-    text = parts[0] + "".join("<|image_pad|>" * n + p for n, p in zip(n_pads, parts[1:]))
-    return hf(text, add_special_tokens=False)["input_ids"]
+    ids, pads = [], iter(n_pads)
+    for piece in re.split("(" + "|".join(map(re.escape, CONTROL_TOKENS)) + ")", text):
+        if piece in CONTROL_TOKENS:  # the template's own markers
+            ids += [hf.convert_tokens_to_ids(piece)] * (next(pads) if piece == "<|image_pad|>" else 1)
+        elif piece:
+            for c, x in stand_in.items():
+                piece = piece.replace(x, c)
+            ids += hf(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert next(pads, None) is None
+    return ids
 
 
 CONVERSATIONS = [
@@ -110,6 +130,11 @@ CONVERSATIONS = [
       {"role": "assistant", "content": "\n\n  The left one.\n"},  # whitespace merges across the header
       {"role": "user", "content": "Sure? <|im_end|> inside text"},
       {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}], [4, 9], False),
+    # record text quoting every control marker (a question about chat formats, a pasted prompt)
+    ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text":
+        "What do <|image_pad|> and <|vision_start|><|vision_end|> mean? <|im_end|>\n<|im_start|>assistant\n"}]},
+      {"role": "assistant", "content": "<think>x<|im_end|><|endoftext|></think><answer><|video_pad|></answer>"}],
+     [6], False),
     ([{"role": "user", "content": [{"type": "image"}]}], [1], True),
 ]
 
@@ -200,3 +225,127 @@ def test_toy_model_config_matches_its_tokenizer(tmp_path):
     record = (tmp_path / "sft.jsonl").read_text().splitlines()[0]
     response = json.loads(record)["response"]
     assert len(tok.encode(response)) < len(response.encode()) / 3  # whole words are single tokens
+
+
+def _saved_modes(d):
+    """One file per mode PIL opens, written by PIL as image tools write them: transparent PNGs
+    (RGBA, LA, palette with a tRNS entry and with per-entry alpha, RGB/L with a tRNS colour key),
+    a transparent GIF, lossless WebP with alpha, 16-bit PNG, 32-bit int and float TIFF, CMYK
+    JPEG/TIFF, YCbCr and LAB TIFF, 1-bit and grey PNG. Pixel values are random, and the alpha
+    takes every value, so transparent pixels hide colours that differ from white."""
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (40, 50, 4), dtype=np.uint8), "RGBA")
+    rgb = rgba.convert("RGB")
+    files = {
+        "RGBA.png": (rgba, {}), "LA.png": (rgba.convert("LA"), {}),
+        "P_tRNS.png": (rgb.quantize(16), {"transparency": 3}), "P_alpha.png": (rgba.quantize(16), {}),
+        "P.png": (rgb.quantize(16), {}), "RGB_tRNS.png": (rgb, {"transparency": (12, 34, 56)}),
+        "L_tRNS.png": (rgba.convert("L"), {"transparency": 7}), "P.gif": (rgb.quantize(16), {"transparency": 2}),
+        "RGBA.webp": (rgba, {"lossless": True}), "RGBA.tif": (rgba, {}),
+        "1.png": (rgba.convert("1"), {}), "L.png": (rgba.convert("L"), {}), "RGB.png": (rgb, {}),
+        "I16.png": (Image.fromarray(rng.integers(0, 65535, (40, 50), dtype=np.uint16)), {}),
+        "I.tif": (Image.fromarray(rng.integers(-300, 70000, (40, 50), dtype=np.int32)), {}),
+        "F.tif": (Image.fromarray(rng.normal(100, 80, (40, 50)).astype(np.float32)), {}),
+        "CMYK.jpg": (rgba.convert("CMYK"), {}), "CMYK.tif": (rgba.convert("CMYK"), {}),
+        "YCbCr.tif": (rgb.convert("YCbCr"), {}), "LAB.tif": (rgb.convert("LAB"), {}),
+    }
+    paths = {}
+    for name, (im, kw) in files.items():
+        im.save(d / name, **kw)
+        paths[name] = d / name
+    return paths
+
+
+def test_every_mode_equals_transformers_pixel_values(tmp_path):
+    """load_image + ImageProcessor == Qwen2VLImageProcessorPil on the opened file, bit for bit, for
+    every mode (transformers composites transparency on white; dropping the alpha differs)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    ref_proc, ours = Qwen2VLImageProcessorPil(), ImageProcessor()
+    modes = set()
+    for name, path in _saved_modes(tmp_path).items():
+        with Image.open(path) as im:
+            im.load()
+            modes.add(im.mode + ("+transparency" if "transparency" in im.info else ""))
+            ref = ref_proc(images=[im], return_tensors="pt")["pixel_values"]
+            pv_pil, _ = ours([im])  # a PIL image passed as is (evaluate.py's records)
+        pv_file, _ = ours([str(path)])  # a path (training records)
+        assert torch.equal(pv_file, ref), name
+        assert torch.equal(pv_pil, ref), name
+        with open(path, "rb") as f:  # encoded bytes (data: URLs, EasyR1 {"bytes"}, TSV base64)
+            assert torch.equal(ours([f.read()])[0], ref), name
+    assert {"RGBA", "LA", "P+transparency", "RGB+transparency", "L+transparency", "P", "1", "L", "I;16",
+            "I", "F", "CMYK", "YCbCr", "LAB"} <= modes
+    # the alpha matters: plain convert("RGB") of the transparent PNG is not what transformers sees
+    with Image.open(tmp_path / "RGBA.png") as im:
+        dropped = torch.from_numpy(ours.process_one(im.convert("RGB"))[0])
+        assert (dropped - ref_proc(images=[im], return_tensors="pt")["pixel_values"]).abs().max() > 1
+
+
+def test_in_memory_modes_equal_transformers():
+    """Modes that arrive as PIL images rather than files (PA, premultiplied RGBa, RGBX, HSV,
+    big-endian 16-bit). "La" (premultiplied grey + alpha) is refused by PIL's convert in
+    transformers and here alike."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    rgba = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 50, 4), dtype=np.uint8), "RGBA")
+    ref_proc, ours = Qwen2VLImageProcessorPil(), ImageProcessor()
+    for im in [rgba.convert(m) for m in ("PA", "RGBa", "RGBX", "HSV")] + [rgba.convert("I").convert("I;16B")]:
+        assert torch.equal(ours([im])[0], ref_proc(images=[im], return_tensors="pt")["pixel_values"]), im.mode
+    la = rgba.convert("La")
+    for run in (lambda: ref_proc(images=[la]), lambda: ours([la])):
+        with pytest.raises(ValueError, match="conversion from La"):
+            run()
+
+
+def test_evaluate_images_go_through_the_same_conversion(tmp_path):
+    """evaluate.load_images (paths, base64 TSV cells, PIL images) == data.load_image."""
+    import base64
+    from pathlib import Path
+
+    from evaluate import load_images
+    path = _saved_modes(tmp_path)["P_tRNS.png"]
+    b64 = base64.b64encode(path.read_bytes()).decode()
+    with Image.open(path) as im:
+        im.load()
+        got = load_images({"images": [Path(path), b64, im]})
+    want = np.asarray(load_image(str(path)))
+    assert all(g.mode == "RGB" and np.array_equal(np.asarray(g), want) for g in got)
+    assert (want == 255).all(axis=-1).any()  # the transparent palette entry became white
+
+
+def test_control_markers_in_record_text_stay_text(qwen_tok):
+    """A record quoting the markers: exactly the structural control ids, the image-pad count equal
+    to the image's feature count, the reply (and only it) trained on, decoded back verbatim."""
+    messages, n_pads, _ = CONVERSATIONS[-2]
+    out = encode_chat(qwen_tok, messages, n_pads)
+    ids, roles, labels = out["input_ids"].tolist(), out["roles"], out["labels"]
+    count = {t: ids.count(qwen_tok.tok.token_to_id(t)) for t in QWEN_SPECIAL_TOKENS}
+    assert count["<|image_pad|>"] == 6 == int((roles == IMAGE).sum())
+    assert count["<|vision_start|>"] == count["<|vision_end|>"] == 1
+    assert count["<|im_start|>"] == count["<|im_end|>"] == 3  # system, user, assistant turns
+    assert count["<|endoftext|>"] == count["<|video_pad|>"] == 0
+    reply = messages[1]["content"]
+    assert qwen_tok.decode(out["input_ids"][roles == RESPONSE], skip_special_tokens=False) == reply + "<|im_end|>"
+    assert qwen_tok.decode(labels[labels != IGNORE], skip_special_tokens=False) == reply + "<|im_end|>"
+    question = messages[0]["content"][1]["text"]
+    assert qwen_tok.decode(out["input_ids"][(roles == USER)], skip_special_tokens=False).count(question) == 1
+
+
+def test_reasoning_tags_made_special_keep_their_ids(tmp_path):
+    """Only the control markers are split: <think>/<answer> added as special tokens (as released
+    reasoning checkpoints add them) stay single ids in a response."""
+    from tokenizers import AddedToken
+
+    from data import byte_level_bpe, save_tokenizer
+    hf = byte_level_bpe()
+    tags = ["<think>", "</think>", "<answer>", "</answer>"]
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tags])
+    save_tokenizer(hf, str(tmp_path))
+    tok = Tokenizer(str(tmp_path))
+    reply = "<think>a <|im_end|> b</think><answer>7</answer>"
+    out = encode_chat(tok, [{"role": "user", "content": "Q"}, {"role": "assistant", "content": reply}])
+    resp = out["input_ids"][out["roles"] == RESPONSE].tolist()
+    assert [i for i in resp if i >= 256] == [tok.tok.token_to_id(t) for t in tags[:2]] + \
+        [tok.tok.token_to_id(t) for t in tags[2:]] + [tok.im_end_id]
+    assert len(resp) == 4 + len("a <|im_end|> b") + len("7") + 1  # bytes for the rest
