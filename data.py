@@ -81,6 +81,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from model import UserError
+
 SYSTEM, IMAGE, USER, RESPONSE = 0, 1, 2, 3
 PAD_ROLE = -1  # padding positions in a batch
 ROLE_NAMES = {SYSTEM: "system", IMAGE: "image", USER: "user", RESPONSE: "response"}
@@ -111,14 +113,17 @@ class Tokenizer:
             path = resolve_checkpoint(path)
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.exists(file):
-            raise FileNotFoundError(f"{file}: no tokenizer.json")
-        self.tok = HFTokenizer.from_file(file)
+            raise UserError(f"{file}: no tokenizer.json (the model folder needs its tokenizer)")
+        try:
+            self.tok = HFTokenizer.from_file(file)
+        except Exception as e:  # the tokenizers library raises a bare Exception on a bad file
+            raise UserError(f"{file}: not a readable tokenizer.json ({e})") from None
         self.path = file
         ids = {}
         for name in self.NEEDED:
             i = self.tok.token_to_id(name)
             if i is None:
-                raise ValueError(f"{file}: the tokenizer lacks the special token {name}")
+                raise UserError(f"{file}: the tokenizer lacks the special token {name}")
             ids[name] = i
         self.endoftext_id = ids["<|endoftext|>"]
         self.im_start_id = ids["<|im_start|>"]
@@ -439,7 +444,7 @@ _ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt
                  "model": "assistant", "bot": "assistant", "system": "system"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the training data; the message names the file and line."""
 
 

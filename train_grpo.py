@@ -398,6 +398,8 @@ def build_parser():
     # checkpoints
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end); 0: end only")
     p.add_argument("--keep-last", type=int, default=0, help="keep only the last N checkpoints (0: all)")
+    p.add_argument("--save-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="dtype of the saved weights; auto: the dtype the source config.json states")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue a run: bare --resume reads OUT/latest; or a step_N folder")
     p.add_argument("--checksum", action="store_true",
@@ -1002,7 +1004,7 @@ def train(args, dctx, reward_fn=None):
         print0(f"--resume: no checkpoint in {args.out}, starting from {args.model}")
     state = None
     if ckpt is not None:
-        state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", mmap=True, weights_only=True)
+        state = train_sft.read_train_state(ckpt)
     init_dir = state["init_model"] if state is not None else resolve_model_dir(args.model)
     model_dir = ckpt or init_dir
 
@@ -1045,12 +1047,7 @@ def train(args, dctx, reward_fn=None):
                          ("group_size", args.group_size)):
             if state[key] != now:
                 raise ValueError(f"cannot resume from {ckpt}: {key} was {state[key]}, now {now}")
-        if dctx.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            optimizer.load_state_dict(state["optimizer"])
+        train_sft.restore_weights_and_optimizer(model, optimizer, state, dctx.fsdp)
         start = int(state["step"])
         print0(f"resumed from {ckpt} at step {start}")
     last_ckpt = ckpt
