@@ -39,9 +39,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-class UserError(Exception):
+class UserError(ValueError):
     """A problem with what the user gave (a file, a folder, an argument), not a bug of this code:
-    the scripts print its message, which names the file (and line), without a traceback."""
+    the scripts print its message, which names the file (and line), without a traceback. A
+    ValueError, as these problems were before the class existed."""
 
 
 def run_cli(main):

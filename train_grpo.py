@@ -324,6 +324,7 @@ import torch.distributed as dist  # noqa: E402
 import evaluate  # noqa: E402
 from data import (PAD_ROLE, RESPONSE, DataError, ImageProcessor, Tokenizer, encode_chat, epoch_batches,  # noqa: E402
                   normalize_record)
+from model import UserError  # noqa: E402
 
 
 def build_parser():
@@ -440,20 +441,20 @@ class PromptDataset:
 
     def __init__(self, path, tok, improc, max_prompt_len=None, skip_bad=False, max_errors=20):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: data file does not exist")
+            raise DataError(f"{path}: data file does not exist")
         self.path, self.tok, self.improc = path, tok, improc
         self.records, self.lengths, errors = [], [], []
         self.stats = {"lines": 0, "kept": 0, "bad": 0, "too_long": 0, "with_images": 0, "text_only": 0}
         base = os.path.dirname(os.path.abspath(path))
         sizes = {}
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is an error of that line
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 self.stats["lines"] += 1
                 where = f"{path}:{lineno}"
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(line.decode("utf-8"))
                     rec = normalize_record(obj, base, where)
                     answer = obj.get("answer")
                     if not isinstance(answer, (str, int, float)) or str(answer).strip() == "":
@@ -527,7 +528,7 @@ def resolve_model_dir(path):
     from model import resolve_checkpoint
     d = resolve_checkpoint(path)
     if not os.path.exists(os.path.join(d, "config.json")):
-        raise FileNotFoundError(f"--model {path}: neither a model folder (config.json) nor a run folder with `latest`"
+        raise UserError(f"--model {path}: neither a model folder (config.json) nor a run folder with `latest`"
                                 " (train SFT first: python train_sft.py; or pass --model toy/model)")
     return d
 
@@ -993,9 +994,9 @@ def train(args, dctx, reward_fn=None):
     rank, world, device = dctx.rank, dctx.world, dctx.device
     torch.manual_seed(args.seed + rank)
     if args.temperature <= 0:
-        raise ValueError("--temperature must be > 0 for GRPO rollouts (the log-probs divide by it)")
+        raise UserError("--temperature must be > 0 for GRPO rollouts (the log-probs divide by it)")
     if args.prompts_per_step % world:
-        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} processes")
+        raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} processes")
     compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32,
                      "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
 
@@ -1015,7 +1016,7 @@ def train(args, dctx, reward_fn=None):
     P = args.prompts_per_step
     steps_per_epoch = len(ds) // P
     if steps_per_epoch == 0:
-        raise ValueError(f"{args.data}: {len(ds)} prompts, fewer than one batch of --prompts-per-step {P}")
+        raise UserError(f"{args.data}: {len(ds)} prompts, fewer than one batch of --prompts-per-step {P}")
     total_steps = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * steps_per_epoch))
 
     model = train_sft.load_for_training(model_dir, tok, device, args.grad_ckpt, args.freeze_vision)
@@ -1046,7 +1047,7 @@ def train(args, dctx, reward_fn=None):
         for key, now in (("prompts_per_step", P), ("seed", args.seed), ("num_records", len(ds)),
                          ("group_size", args.group_size)):
             if state[key] != now:
-                raise ValueError(f"cannot resume from {ckpt}: {key} was {state[key]}, now {now}")
+                raise UserError(f"cannot resume from {ckpt}: {key} was {state[key]}, now {now}")
         train_sft.restore_weights_and_optimizer(model, optimizer, state, dctx.fsdp)
         start = int(state["step"])
         print0(f"resumed from {ckpt} at step {start}")
@@ -1110,4 +1111,5 @@ def train(args, dctx, reward_fn=None):
 
 
 if __name__ == "__main__":
-    main()
+    from model import run_cli
+    run_cli(main)

@@ -33,17 +33,23 @@ One process: the plain model (float32 weights, bf16 autocast on CUDA). Several (
 float32 gradient reduction, float32 sharded master weights. Outputs under --out:
     run_config.json        all arguments and derived settings of the run
     metrics.jsonl          one line per optimizer step
-    step_N/                config.json + model.safetensors (hub layout, float32 master weights),
-                           tokenizer.json, tokenizer_config.json, preprocessor_config.json,
-                           train_state.pt (optimizer, step, RNG of every rank, data position),
-                           run_config.json
+    step_N/                the model folder as the hub has it, ready to upload: config.json (with its
+                           dtype) + model.safetensors in the source model's dtype (--save-dtype), and
+                           the source folder's tokenizer, chat template, generation config and
+                           preprocessor_config.json (with this run's pixel bounds)
+    train_state/step_N.pt  what only --resume needs: optimizer, step, RNG of every rank, data position,
+                           the run's arguments; the float32 master weights when step_N is bf16/fp16
     latest                 "step_N": the last complete checkpoint (written last, atomically)
+
+A user error (a bad record, a missing or unreadable file, a folder that is not a checkpoint) ends
+the script with one `error: ...` line naming the file, exit status 2; a traceback means a bug.
 """
 
 import argparse
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from contextlib import nullcontext
@@ -372,7 +378,7 @@ def load_for_training(model_dir: str, tok, device, grad_ckpt: bool, freeze_visio
     checkpointing and a frozen vision tower as asked (shared by SFT and GRPO)."""
     model = from_pretrained(model_dir, dtype=torch.float32, device=device)
     if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens, the model's embedding {model.cfg.vocab_size}")
+        raise UserError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens, the model's embedding {model.cfg.vocab_size}")
     model.set_gradient_checkpointing(grad_ckpt)
     if freeze_vision:
         model.visual.requires_grad_(False)
@@ -464,7 +470,7 @@ def train(args, rank, world, device, use_fsdp):
     compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32,
                      "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
     if args.batch_size % (args.micro_batch * world):
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch {args.micro_batch}"
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch {args.micro_batch}"
                          f" x {world} processes")
     accum = args.batch_size // (args.micro_batch * world)
 
@@ -484,7 +490,7 @@ def train(args, rank, world, device, use_fsdp):
         print0(f"--skip-bad: dropped {ds.stats['bad']} invalid records, e.g.\n  " + "\n  ".join(ds.errors[:5]))
     steps_per_epoch = len(ds) // args.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{args.data}: {len(ds)} records, fewer than one batch of --batch-size {args.batch_size}")
+        raise UserError(f"{args.data}: {len(ds)} records, fewer than one batch of --batch-size {args.batch_size}")
     total_steps = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * steps_per_epoch))
     warmup = math.ceil(args.warmup_ratio * total_steps)
 
@@ -610,7 +616,7 @@ def load_train_state(ckpt, model, optimizer, args, rank, world, num_records, ste
     for key, now in (("batch_size", args.batch_size), ("seed", args.seed), ("num_records", num_records),
                      ("group_by_length", not args.no_group_by_length)):
         if state[key] != now:
-            raise ValueError(f"cannot resume from {ckpt}: {key} was {state[key]}, now {now} (the data order would differ)")
+            raise UserError(f"cannot resume from {ckpt}: {key} was {state[key]}, now {now} (the data order would differ)")
     restore_weights_and_optimizer(model, optimizer, state, use_fsdp)
     if state["world_size"] == world:
         rng = state["rng"][rank]
@@ -624,7 +630,7 @@ def read_train_state(ckpt: str) -> dict:
     path = train_state_path(ckpt)
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:  # absent, truncated or not a torch file
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # absent, truncated, not a torch file
         raise UserError(f"{path}: cannot read the training state of {ckpt} ({e})") from None
 
 

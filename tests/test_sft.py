@@ -379,8 +379,8 @@ def test_checkpoint_loads_in_model_and_transformers(world, reference_run):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     ck = os.path.join(reference_run["out"], "step_4")
-    assert sorted(os.listdir(ck)) == ["config.json", "model.safetensors", "preprocessor_config.json",
-                                      "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(os.listdir(ck)) == ["config.json", "generation_config.json", "model.safetensors",
+                                      "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"]
     state = torch.load(train_sft.train_state_path(ck), weights_only=True)
     assert "model" not in state  # a float32 source: step_4 holds the master weights themselves
     assert state["step"] == 4 and state["epoch"] == 2 and len(state["rng"]) == 1
