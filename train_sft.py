@@ -64,7 +64,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data-loader workers 
 
 import vas  # noqa: E402
 from data import IGNORE, IMAGE, ImageProcessor, SFTDataset, Tokenizer, collate, epoch_batches, micro_batches
-from model import UserError, from_pretrained, run_cli, save_pretrained  # noqa: E402
+from model import UserError, check_model_folder, from_pretrained, run_cli, save_pretrained  # noqa: E402
 
 parser = argparse.ArgumentParser(description="Cold-start SFT of Qwen2.5-VL with the attention-guided objective",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -378,7 +378,8 @@ def load_for_training(model_dir: str, tok, device, grad_ckpt: bool, freeze_visio
     checkpointing and a frozen vision tower as asked (shared by SFT and GRPO)."""
     model = from_pretrained(model_dir, dtype=torch.float32, device=device)
     if tok.vocab_size > model.cfg.vocab_size:
-        raise UserError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens, the model's embedding {model.cfg.vocab_size}")
+        raise UserError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens, the model's embedding "
+                        f"{model.cfg.vocab_size}")
     model.set_gradient_checkpointing(grad_ckpt)
     if freeze_vision:
         model.visual.requires_grad_(False)
@@ -478,7 +479,7 @@ def train(args, rank, world, device, use_fsdp):
     ckpt = resolve_resume(args.resume, args.out) if args.resume else None
     if args.resume and ckpt is None:
         print0(f"--resume: no checkpoint in {args.out}, starting from {args.model}")
-    model_dir = ckpt or args.model
+    model_dir = ckpt or check_model_folder(args.model)  # a run folder (an SFT run for more SFT): its latest
 
     # ---- data: validated before anything is trained
     tok = Tokenizer(model_dir)

@@ -169,6 +169,10 @@ def test_sft_checkpoint_is_a_bf16_hub_folder_and_resumes_exactly(world, tmp_path
     (b / "latest").write_text("step_2\n")
     got = train_sft.main(sft_args(world, b, "--resume"))["metrics"]
     assert [(m["step"], m["loss"]) for m in got] == [(m["step"], m["loss"]) for m in ref[2:]]
+    # SFT started from the run folder (its `latest`): the same files and dtype carried on
+    d = tmp_path / "d"
+    train_sft.main(sft_args(world, d, "--model", str(a), "--max-steps", "2"))
+    check_hub_checkpoint(world, d, "step_2", max_pixels=262144)
     # --save-dtype fp32: float32 on disk and in config.json, no second copy in the state
     c = tmp_path / "c"
     train_sft.main(sft_args(world, c, "--max-steps", "2", "--save-dtype", "fp32"))
