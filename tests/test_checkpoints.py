@@ -251,3 +251,31 @@ def test_kill_inside_a_save_keeps_latest_on_a_complete_checkpoint(world, sft_ref
     assert [(m["step"], m["loss"]) for m in got] == [(m["step"], m["loss"]) for m in sft_reference[2:]]
     assert (out / "latest").read_text().strip() == "step_4"
     assert not [f for f in os.listdir(out) if f.startswith(".")]  # the save after resume leaves no temporaries
+
+
+def test_fsdp_resume_restores_the_float32_master_weights(world, tmp_path):
+    """Two FSDP processes (torchrun, gloo): 4 steps with bf16 checkpoints at 2 and 4; the run
+    resumed from step_2 (its float32 master weights sharded from train_state/step_2.pt) repeats
+    steps 3 and 4. The state was gathered from the shards (full float32 master weights)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+    def torchrun(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(ROOT, "train_sft.py"), *sft_args(world, out, "--micro-batch", "1", *extra)]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert p.returncode == 0, p.stderr[-4000:]
+        return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+    a = tmp_path / "a"
+    ref = torchrun(a)
+    state = torch.load(a / "train_state" / "step_2.pt", weights_only=True)
+    disk = train_sft.from_pretrained(str(a / "step_2"), dtype=torch.float32).state_dict()
+    assert sorted(state["model"]) == sorted(disk) and state["model"]["lm_head.weight"].dtype == torch.float32
+    assert dtypes_on_disk(a / "step_2") == {"BF16"}
+    shutil.rmtree(a / "step_4")
+    os.remove(a / "train_state" / "step_4.pt")
+    (a / "latest").write_text("step_2\n")
+    got = torchrun(a, "--resume")
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    for m, r in zip(got[2:], ref[2:]):
+        assert abs(m["loss"] - r["loss"]) <= 1e-6 * abs(r["loss"]), (m, r)
