@@ -529,7 +529,7 @@ def resolve_model_dir(path):
     d = resolve_checkpoint(path)
     if not os.path.exists(os.path.join(d, "config.json")):
         raise UserError(f"--model {path}: neither a model folder (config.json) nor a run folder with `latest`"
-                                " (train SFT first: python train_sft.py; or pass --model toy/model)")
+                        " (train SFT first: python train_sft.py; or pass --model toy/model)")
     return d
 
 
