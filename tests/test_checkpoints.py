@@ -107,9 +107,10 @@ def dtypes_on_disk(ckpt):
 
 
 def load_in_transformers(ckpt):
-    """from_pretrained with transformers' logging and Python's warnings captured: (model, loading
-    info, every message at WARNING or above)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    """The model, tokenizer and image processor by transformers' from_pretrained, with its logging
+    and Python's warnings captured: (model, loading info, every message at WARNING or above)."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.utils import logging as hf_logging
 
     records = []
@@ -126,6 +127,8 @@ def load_in_transformers(ckpt):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             m, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, output_loading_info=True)
+            AutoTokenizer.from_pretrained(ckpt)
+            Qwen2VLImageProcessorPil.from_pretrained(ckpt)
     finally:
         hf_logging.get_logger().removeHandler(handler)
     return m, info, records + [str(w.message) for w in caught]
