@@ -83,6 +83,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from model import UserError, run_cli
+
 SYSTEM, IMAGE, USER, RESPONSE = 0, 1, 2, 3
 PAD_ROLE = -1  # padding positions in a batch
 ROLE_NAMES = {SYSTEM: "system", IMAGE: "image", USER: "user", RESPONSE: "response"}
@@ -117,14 +119,17 @@ class Tokenizer:
             path = resolve_checkpoint(path)
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.exists(file):
-            raise FileNotFoundError(f"{file}: no tokenizer.json")
-        self.tok = HFTokenizer.from_file(file)
+            raise UserError(f"{file}: no tokenizer.json (the model folder needs its tokenizer)")
+        try:
+            self.tok = HFTokenizer.from_file(file)
+        except Exception as e:  # the tokenizers library raises a bare Exception on a bad file
+            raise UserError(f"{file}: not a readable tokenizer.json ({e})") from None
         self.path = file
         ids = {}
         for name in self.NEEDED:
             i = self.tok.token_to_id(name)
             if i is None:
-                raise ValueError(f"{file}: the tokenizer lacks the special token {name}")
+                raise UserError(f"{file}: the tokenizer lacks the special token {name}")
             ids[name] = i
         self.endoftext_id = ids["<|endoftext|>"]
         self.im_start_id = ids["<|im_start|>"]
@@ -511,7 +516,7 @@ RECORD_FORMS = ('{"messages": [{"role", "content"}], "images"?} (OpenAI/TRL/LLaM
                 '{"question" or "problem", "response" or "answer", "images"?} (flat/EasyR1)')
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with the training data; the message names the file and line."""
 
 
@@ -794,7 +799,7 @@ class SFTDataset(torch.utils.data.Dataset):
                  check_images: str = "header"):
         assert on_long in ("drop", "error") and check_images in ("header", "full")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: data file does not exist")
+            raise DataError(f"{path}: data file does not exist")
         self.path, self.tok, self.improc = path, tok, improc
         self.records: list[Record] = []
         self.lengths: list[int] = []  # tokens per record, image tokens included
@@ -1461,35 +1466,39 @@ def read_raw_problems(path):
     naming the file and line, raised before any teacher is called."""
     base = os.path.dirname(os.path.abspath(path))
     out, seen = [], {}
-    with open(path) as f:
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: input file does not exist")
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is an error of that line
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: bad JSON: {e}") from None
+                raise DataError(f"{path}:{line_no}: bad JSON: {e}") from None
             if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object")
+                raise DataError(f"{path}:{line_no}: expected a JSON object")
             if "images" not in rec and "image" in rec:
                 rec["images"] = rec.pop("image")
             for key in ("id", "question", "answer", "images"):
                 if rec.get(key) is None:
-                    raise ValueError(f"{path}:{line_no}: missing field {key!r}")
+                    raise DataError(f"{path}:{line_no}: missing field {key!r}")
             rid = str(rec["id"])
             if rid in seen:
-                raise ValueError(f"{path}:{line_no}: duplicate id {rid!r} (first on line {seen[rid]})")
+                raise DataError(f"{path}:{line_no}: duplicate id {rid!r} (first on line {seen[rid]})")
             seen[rid] = line_no
             images = rec["images"]
             if isinstance(images, str):
                 images = rec["images"] = [images]
             if not images:
-                raise ValueError(f"{path}:{line_no}: record {rid!r} has no image (synthesis anchors in images)")
+                raise DataError(f"{path}:{line_no}: record {rid!r} has no image (synthesis anchors in images)")
             paths = []
             for p in images:
                 full = p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
                 if not os.path.isfile(full):
-                    raise ValueError(f"{path}:{line_no}: image file not found: {p!r} (looked at {full})")
+                    raise DataError(f"{path}:{line_no}: image file not found: {p!r} (looked at {full})")
                 paths.append(full)
             out.append((line_no, rec, paths))
     return out
@@ -1791,4 +1800,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

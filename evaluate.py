@@ -623,7 +623,7 @@ import os  # noqa: E402
 import torch  # noqa: E402
 
 from data import PAD_ROLE, DataError, ImageProcessor, Tokenizer, encode_chat  # noqa: E402
-from model import from_pretrained  # noqa: E402
+from model import UserError, from_pretrained, run_cli  # noqa: E402
 from vas import Intervention, measure_vas, parse_layers  # noqa: E402
 from vas import vas as vas_of_stats  # noqa: E402
 
@@ -898,10 +898,10 @@ def evaluate(model, tok: Tokenizer, proc: ImageProcessor, benchmarks, out_dir: s
     for bench in benchmarks:
         records = bench if isinstance(bench, list) else read_benchmark(bench)
         if not records:
-            raise ValueError("an empty benchmark")
+            raise UserError(f"{bench if not isinstance(bench, list) else 'a benchmark record list'}: no questions")
         name = records[0]["benchmark"]
         if name in [b[0] for b in benches]:
-            raise ValueError(f"{bench if not isinstance(bench, list) else name}: a second benchmark named "
+            raise UserError(f"{bench if not isinstance(bench, list) else name}: a second benchmark named "
                              f"{name!r} (predictions files are named by the file stem)")
         benches.append((name, records[:limit] if limit is not None else records))
     rows = []
@@ -1088,6 +1088,22 @@ def parse_args(argv=None):
     return args
 
 
+def read_benchmark_file(path: str) -> list[dict]:
+    """read_benchmark for the command line: a file that is missing, not UTF-8, empty or not a
+    benchmark is a UserError naming it (the readers' messages name the file and row)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such benchmark file")
+    try:
+        records = read_benchmark(path)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if not records:
+        raise UserError(f"{path}: no questions")
+    return records
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.correlate is not None:
@@ -1101,7 +1117,7 @@ def main(argv=None):
 
     config = vars(args).copy()
     print("config:", json.dumps(config))
-    benchmarks = [read_benchmark(path) for path in args.bench]  # bad input fails before the model loads
+    benchmarks = [read_benchmark_file(path) for path in args.bench]  # bad input fails before the model loads
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
     model = from_pretrained(args.model, dtype=dtype, device=args.device).eval()
     tok = Tokenizer(args.model)
@@ -1125,7 +1141,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:  # an image that fails to decode mid-run: one message, no traceback
-        raise SystemExit(f"error: {e}") from None
+    run_cli(main)

@@ -39,6 +39,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+class UserError(ValueError):
+    """A problem with what the user gave (a file, a folder, an argument), not a bug of this code:
+    the scripts print its message, which names the file (and line), without a traceback. A
+    ValueError, as these problems were before the class existed."""
+
+
+def run_cli(main):
+    """Run a script's main(): a UserError ends it with `error: <message>` on stderr and exit
+    status 1 (argparse keeps 2 for a bad command line); any other exception (a bug) keeps its traceback."""
+    import sys
+    try:
+        main()
+        return
+    except UserError as e:
+        message = f"error: {e}"
+    # Printed after the except block has freed the traceback, so that objects of the failed run
+    # (a progress bar closing itself) have written their last line and the message comes last.
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 # --------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------
@@ -129,18 +150,16 @@ class Config:
             return cls.from_dict(json.load(f))
 
     def to_dict(self) -> dict:
-        """The hub's flat layout, plus a nested `text_config` copy so both readers agree."""
+        """The hub's flat layout, as Qwen's released config.json has it (transformers 4.x and 5.x
+        read it without a warning; 5.x moves the text fields into its `text_config` itself)."""
         d = asdict(self)
         vision = d.pop("vision")
         vision.pop("rope_theta")
         vision["in_channels"] = vision["in_chans"]
         mrope = d.pop("mrope_section")
-        text = dict(d, model_type="qwen2_5_vl_text", hidden_act="silu", use_sliding_window=False,
-                    rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": mrope})
         return dict(d, architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl",
                     hidden_act="silu", use_sliding_window=False,
-                    rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": mrope},
-                    text_config=text,
+                    rope_scaling={"type": "mrope", "mrope_section": mrope},
                     vision_config=dict(vision, model_type="qwen2_5_vl", hidden_act="silu",
                                        tokens_per_second=2))
 
@@ -803,10 +822,22 @@ def _normalise_name(name: str) -> str:
 
 
 def read_safetensors_header(path: str):
+    """The tensor table of a .safetensors file and where its data starts; a file that is not one,
+    or ends before its last tensor (an interrupted download or copy), is a UserError."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        try:
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise UserError(f"{path}: not a safetensors file ({e})") from None
     header.pop("__metadata__", None)
+    end = max((meta["data_offsets"][1] for meta in header.values()), default=0)
+    if 8 + n + end > size:
+        raise UserError(f"{path}: truncated: {size} bytes, its tensors need {8 + n + end}"
+                        " (an interrupted download or copy?)")
     return header, 8 + n
 
 
@@ -839,6 +870,35 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
+def check_model_folder(path: str) -> str:
+    """resolve_checkpoint(path), which must be a model folder (config.json); a UserError otherwise."""
+    d = resolve_checkpoint(path)
+    if not os.path.isdir(d):
+        raise UserError(f"{path}: no such model folder")
+    if not os.path.exists(os.path.join(d, "config.json")):
+        raise UserError(f"{d}: not a model folder (no config.json) nor a training run's folder (no `latest`)")
+    return d
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def config_dtype(path: str) -> torch.dtype:
+    """The weights' dtype a hub folder states in config.json: `dtype` (transformers 5) or
+    `torch_dtype` (4.x), top level first, then `text_config`; float32 when it states none (as
+    transformers reads such a folder)."""
+    with open(os.path.join(path, "config.json")) as f:
+        d = json.load(f)
+    for c in (d, d.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            if c.get(key) is not None:
+                name = str(c[key]).removeprefix("torch.")
+                if name not in DTYPES:
+                    raise ValueError(f"{path}/config.json: {key} {c[key]!r} is none of {sorted(DTYPES)}")
+                return DTYPES[name]
+    return torch.float32
+
+
 def checkpoint_files(path: str):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -848,7 +908,7 @@ def checkpoint_files(path: str):
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
         return [single]
-    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+    raise UserError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
 
 
 def from_pretrained(path: str, dtype=torch.bfloat16, device="cpu") -> Qwen2_5_VL:
@@ -859,8 +919,11 @@ def from_pretrained(path: str, dtype=torch.bfloat16, device="cpu") -> Qwen2_5_VL
     cast to `dtype` if it differs, moved to `device` and put in place: host memory peaks near one
     copy of the checkpoint. Missing, unexpected and mis-shaped names are an error that lists them.
     """
-    path = resolve_checkpoint(path)
-    cfg = Config.from_json(os.path.join(path, "config.json"))
+    path = check_model_folder(path)
+    try:
+        cfg = Config.from_json(os.path.join(path, "config.json"))
+    except (ValueError, TypeError, KeyError) as e:  # not JSON, or not a Qwen2.5-VL config
+        raise UserError(f"{path}/config.json: {e}") from None
     files = checkpoint_files(path)
     names = {}
     for fp in files:
@@ -878,7 +941,7 @@ def from_pretrained(path: str, dtype=torch.bfloat16, device="cpu") -> Qwen2_5_VL
     mismatched = sorted(f"{n}: file {tuple(names[n]['shape'])} vs model {expected[n]}"
                         for n in set(names) & set(expected) if tuple(names[n]["shape"]) != expected[n])
     if missing or unexpected or mismatched:
-        raise ValueError(f"{path}: checkpoint does not match config.json\n  missing: {missing}\n"
+        raise UserError(f"{path}: checkpoint does not match config.json\n  missing: {missing}\n"
                          f"  unexpected: {unexpected}\n  shape mismatch: {mismatched}")
     modules = dict(model.named_modules())
     for fp in files:
@@ -895,25 +958,35 @@ def from_pretrained(path: str, dtype=torch.bfloat16, device="cpu") -> Qwen2_5_VL
     return model
 
 
-def save_pretrained(model: Qwen2_5_VL, path: str, max_shard_bytes: int = 5 * 2**30, state_dict=None):
+def save_pretrained(model: Qwen2_5_VL, path: str, max_shard_bytes: int = 5 * 2**30, state_dict=None,
+                    dtype=None):
     """Write config.json and safetensors in the hub layout (`visual.*`, `model.*`, `lm_head.weight`
-    unless tied), sharded with an index above `max_shard_bytes`. Writes into a temporary folder
-    first and renames it into place, so a crash never leaves a half-written checkpoint at `path`."""
+    unless tied), sharded with an index above `max_shard_bytes`. Floating tensors are written in
+    `dtype` (default: as they are) and config.json states it (`dtype`, and `torch_dtype` for
+    transformers 4.x readers). Writes into a temporary folder first and renames it into place, so a
+    crash never leaves a half-written checkpoint at `path`."""
     from safetensors.torch import save_file
 
     sd = state_dict if state_dict is not None else model.state_dict()
     if model.cfg.tie_word_embeddings:
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    if dtype is None:
+        dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
+    dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
     tmp = path.rstrip("/") + ".tmp"
     if os.path.exists(tmp):
         import shutil
         shutil.rmtree(tmp)
     os.makedirs(tmp)
+    config = model.cfg.to_dict()
+    config["dtype"] = config["torch_dtype"] = dtype_name
     with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(model.cfg.to_dict(), f, indent=2)
+        json.dump(config, f, indent=2)
     shards, cur, size = [], {}, 0
     for name in sorted(sd):
         t = sd[name].detach().contiguous().cpu()
+        if t.is_floating_point():
+            t = t.to(dtype)
         nbytes = t.numel() * t.element_size()
         if cur and size + nbytes > max_shard_bytes:
             shards.append(cur)

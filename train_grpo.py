@@ -324,6 +324,7 @@ import torch.distributed as dist  # noqa: E402
 import evaluate  # noqa: E402
 from data import (IMAGE_PLACEHOLDER, PAD_ROLE, RESPONSE, DataError, ImageProcessor, Tokenizer,  # noqa: E402
                   answer_text, encode_chat, epoch_batches, image_tokens, normalize_record, read_records)
+from model import UserError  # noqa: E402
 
 
 def build_parser():
@@ -399,6 +400,8 @@ def build_parser():
     # checkpoints
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end); 0: end only")
     p.add_argument("--keep-last", type=int, default=0, help="keep only the last N checkpoints (0: all)")
+    p.add_argument("--save-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="dtype of the saved weights; auto: the dtype the source config.json states")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue a run: bare --resume reads OUT/latest; or a step_N folder")
     p.add_argument("--checksum", action="store_true",
@@ -448,7 +451,7 @@ class PromptDataset:
 
     def __init__(self, path, tok, improc, max_prompt_len=None, skip_bad=False, max_errors=20):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: data file does not exist")
+            raise DataError(f"{path}: data file does not exist")
         self.path, self.tok, self.improc = path, tok, improc
         self.records, self.lengths, self.where, errors = [], [], [], []
         self.stats = {"lines": 0, "kept": 0, "bad": 0, "too_long": 0, "with_images": 0, "text_only": 0}
@@ -532,8 +535,8 @@ def resolve_model_dir(path):
     from model import resolve_checkpoint
     d = resolve_checkpoint(path)
     if not os.path.exists(os.path.join(d, "config.json")):
-        raise FileNotFoundError(f"--model {path}: neither a model folder (config.json) nor a run folder with `latest`"
-                                " (train SFT first: python train_sft.py; or pass --model toy/model)")
+        raise UserError(f"--model {path}: neither a model folder (config.json) nor a run folder with `latest`"
+                        " (train SFT first: python train_sft.py; or pass --model toy/model)")
     return d
 
 
@@ -998,9 +1001,9 @@ def train(args, dctx, reward_fn=None):
     rank, world, device = dctx.rank, dctx.world, dctx.device
     torch.manual_seed(args.seed + rank)
     if args.temperature <= 0:
-        raise ValueError("--temperature must be > 0 for GRPO rollouts (the log-probs divide by it)")
+        raise UserError("--temperature must be > 0 for GRPO rollouts (the log-probs divide by it)")
     if args.prompts_per_step % world:
-        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} processes")
+        raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} processes")
     compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32,
                      "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
 
@@ -1009,7 +1012,7 @@ def train(args, dctx, reward_fn=None):
         print0(f"--resume: no checkpoint in {args.out}, starting from {args.model}")
     state = None
     if ckpt is not None:
-        state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", mmap=True, weights_only=True)
+        state = train_sft.read_train_state(ckpt)
     init_dir = state["init_model"] if state is not None else resolve_model_dir(args.model)
     model_dir = ckpt or init_dir
 
@@ -1020,7 +1023,7 @@ def train(args, dctx, reward_fn=None):
     P = args.prompts_per_step
     steps_per_epoch = len(ds) // P
     if steps_per_epoch == 0:
-        raise ValueError(f"{args.data}: {len(ds)} prompts, fewer than one batch of --prompts-per-step {P}")
+        raise UserError(f"{args.data}: {len(ds)} prompts, fewer than one batch of --prompts-per-step {P}")
     total_steps = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * steps_per_epoch))
 
     model = train_sft.load_for_training(model_dir, tok, device, args.grad_ckpt, args.freeze_vision)
@@ -1051,13 +1054,8 @@ def train(args, dctx, reward_fn=None):
         for key, now in (("prompts_per_step", P), ("seed", args.seed), ("num_records", len(ds)),
                          ("group_size", args.group_size)):
             if state[key] != now:
-                raise ValueError(f"cannot resume from {ckpt}: {key} was {state[key]}, now {now}")
-        if dctx.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            optimizer.load_state_dict(state["optimizer"])
+                raise UserError(f"cannot resume from {ckpt}: {key} was {state[key]}, now {now}")
+        train_sft.restore_weights_and_optimizer(model, optimizer, state, dctx.fsdp)
         start = int(state["step"])
         print0(f"resumed from {ckpt} at step {start}")
     last_ckpt = ckpt
@@ -1144,8 +1142,5 @@ def train(args, dctx, reward_fn=None):
 
 
 if __name__ == "__main__":
-    from train_sft import NonFiniteLoss
-    try:
-        main()
-    except (DataError, NonFiniteLoss) as e:  # bad data or a diverged run: one message, no traceback
-        raise SystemExit(f"error: {e}") from None
+    from model import run_cli
+    run_cli(main)

@@ -33,17 +33,23 @@ One process: the plain model (float32 weights, bf16 autocast on CUDA). Several (
 float32 gradient reduction, float32 sharded master weights. Outputs under --out:
     run_config.json        all arguments and derived settings of the run
     metrics.jsonl          one line per optimizer step
-    step_N/                config.json + model.safetensors (hub layout, float32 master weights),
-                           tokenizer.json, tokenizer_config.json, preprocessor_config.json,
-                           train_state.pt (optimizer, step, RNG of every rank, data position),
-                           run_config.json
+    step_N/                the model folder as the hub has it, ready to upload: config.json (with its
+                           dtype) + model.safetensors in the source model's dtype (--save-dtype), and
+                           the source folder's tokenizer, chat template, generation config and
+                           preprocessor_config.json (with this run's pixel bounds)
+    train_state/step_N.pt  what only --resume needs: optimizer, step, RNG of every rank, data position,
+                           the run's arguments; the float32 master weights when step_N is bf16/fp16
     latest                 "step_N": the last complete checkpoint (written last, atomically)
+
+A user error (a bad record, a missing or unreadable file, a folder that is not a checkpoint) ends
+the script with one `error: ...` line naming the file, exit status 1; a traceback means a bug.
 """
 
 import argparse
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from contextlib import nullcontext
@@ -59,7 +65,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data-loader workers 
 import vas  # noqa: E402
 from data import (IGNORE, IMAGE, DataError, ImageProcessor, SFTDataset, Tokenizer, collate, epoch_batches,
                   micro_batches)
-from model import from_pretrained, save_pretrained  # noqa: E402
+from model import UserError, check_model_folder, from_pretrained, run_cli, save_pretrained  # noqa: E402
 
 parser = argparse.ArgumentParser(description="Cold-start SFT of Qwen2.5-VL with the attention-guided objective",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -105,6 +111,8 @@ parser.add_argument("--seed", type=int, default=0)
 # checkpoints
 parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end); 0: end only")
 parser.add_argument("--keep-last", type=int, default=0, help="keep only the last N checkpoints (0: all)")
+parser.add_argument("--save-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                    help="dtype of the saved weights; auto: the dtype the source config.json states")
 parser.add_argument("--resume", nargs="?", const="auto", default=None,
                     help="continue a run: bare --resume reads OUT/latest; or a step_N folder")
 
@@ -152,8 +160,9 @@ def lr_multiplier(step: int, total: int, warmup: int, min_ratio: float = 0.0) ->
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(UserError):
+    """The loss or gradient norm is not finite (diverged settings, e.g. too large a learning rate):
+    the run stops with `latest` on the last good checkpoint, one message and no traceback."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,10 +279,55 @@ def forward_backward(model, mbs, alpha: float, beta: float, ctl_factory, ce_chun
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints: step_N/ written to a temporary folder, fsynced, renamed; `latest` updated last
+# Checkpoints. OUT/step_N/ is the model folder as the hub has it: config.json, safetensors in the
+# source model's dtype (--save-dtype), and the tokenizer, chat template, generation and preprocessor
+# files of the source folder; it can be uploaded or loaded by transformers as it is. What only a
+# resumed run needs (optimizer, RNG, data position; the float32 master weights when step_N holds a
+# lower precision) is one file beside it, OUT/train_state/step_N.pt. Both are written under
+# temporary names, fsynced and renamed; `latest` is updated last, so it never names a partial one.
 # --------------------------------------------------------------------------------------------
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+# hub files carried from the source folder into every checkpoint, where it has them
+HUB_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+             "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json",
+             "preprocessor_config.json")
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def train_state_path(ckpt: str) -> str:
+    """OUT/train_state/step_N.pt: the training state of the checkpoint OUT/step_N."""
+    ckpt = os.path.normpath(ckpt)
+    return os.path.join(os.path.dirname(ckpt), "train_state", os.path.basename(ckpt) + ".pt")
+
+
+def save_dtype(arg: str, source_dir: str) -> torch.dtype:
+    """--save-dtype: `auto` keeps the dtype config.json of the source folder states (a bf16 hub
+    model stays bf16); bf16, fp16 or fp32 as asked."""
+    from model import config_dtype
+    return config_dtype(source_dir) if arg == "auto" else SAVE_DTYPES[arg]
+
+
+def copy_hub_files(src: str, dst: str, image_processor=None):
+    """The source folder's tokenizer, template, generation and preprocessor files; the
+    preprocessor's pixel bounds set to those of this run (for evaluation and RL to match)."""
+    for f in HUB_FILES:
+        if os.path.exists(os.path.join(src, f)):
+            shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+    if image_processor is None:
+        return
+    pre = os.path.join(dst, "preprocessor_config.json")
+    if not os.path.exists(pre):
+        image_processor.save(dst)
+        return
+    with open(pre) as f:
+        c = json.load(f)
+    c["size"] = dict(c.get("size") or {}, shortest_edge=image_processor.min_pixels,
+                     longest_edge=image_processor.max_pixels)
+    for key in ("min_pixels", "max_pixels"):  # older files state the bounds twice
+        if key in c:
+            c[key] = getattr(image_processor, key)
+    with open(pre, "w") as f:
+        json.dump(c, f, indent=2)
 
 
 def _fsync_path(path: str):
@@ -292,7 +346,12 @@ def fsync_tree(path: str):
 
 
 def write_train_state(path: str, state: dict):
-    torch.save(state, path)
+    """torch.save to a temporary name, fsync, rename: `path` is complete or absent."""
+    tmp = path + ".partial"
+    torch.save(state, tmp)
+    _fsync_path(tmp)
+    os.replace(tmp, path)
+    _fsync_path(os.path.dirname(path))
 
 
 def write_latest(out: str, name: str):
@@ -309,15 +368,16 @@ def resolve_resume(arg: str, out: str) -> str | None:
     """`auto`: the checkpoint named in OUT/latest (None if there is none); else a step folder, or a
     run folder holding `latest`."""
     path = out if arg == "auto" else arg
-    if os.path.exists(os.path.join(path, "train_state.pt")):
-        return path
     latest = os.path.join(path, "latest")
-    if os.path.exists(latest):
+    if os.path.isfile(latest):
         with open(latest) as f:
-            return os.path.join(path, f.read().strip())
-    if arg == "auto":
+            path = os.path.join(path, f.read().strip())
+    elif arg == "auto":
         return None
-    raise FileNotFoundError(f"--resume {arg}: neither a checkpoint (train_state.pt) nor a run folder with `latest`")
+    if not os.path.exists(train_state_path(path)):
+        raise UserError(f"--resume {arg}: {train_state_path(path)} is missing; --resume takes a run folder"
+                        " (with `latest`) or one of its step_N checkpoints")
+    return path
 
 
 def load_for_training(model_dir: str, tok, device, grad_ckpt: bool, freeze_vision: bool):
@@ -325,7 +385,8 @@ def load_for_training(model_dir: str, tok, device, grad_ckpt: bool, freeze_visio
     checkpointing and a frozen vision tower as asked (shared by SFT and GRPO)."""
     model = from_pretrained(model_dir, dtype=torch.float32, device=device)
     if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens, the model's embedding {model.cfg.vocab_size}")
+        raise UserError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens, the model's embedding "
+                        f"{model.cfg.vocab_size}")
     model.set_gradient_checkpointing(grad_ckpt)
     if freeze_vision:
         model.visual.requires_grad_(False)
@@ -356,9 +417,11 @@ def start_run_files(out: str, config: dict, start: int):
             f.writelines(kept)
 
 
-def save_checkpoint(model, optimizer, step: int, args, state: dict, tokenizer_dir: str, use_fsdp: bool,
+def save_checkpoint(model, optimizer, step: int, args, state: dict, source_dir: str, use_fsdp: bool,
                     device, image_processor=None) -> str:
-    """Write OUT/step_N atomically (every rank calls this: the state dicts are gathered collectively)."""
+    """Write OUT/step_N and OUT/train_state/step_N.pt, then `latest` (every rank calls this: the
+    state dicts are gathered collectively). `source_dir`: the folder the run loaded (its dtype and
+    hub files are kept)."""
     if use_fsdp:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
@@ -376,28 +439,28 @@ def save_checkpoint(model, optimizer, step: int, args, state: dict, tokenizer_di
     name = f"step_{step}"
     final = os.path.join(args.out, name)
     if RANK == 0:
+        from model import replace_dir
+        dtype = save_dtype(args.save_dtype, source_dir)
         tmp = os.path.join(args.out, f".{name}.partial")
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
-        save_pretrained(model, tmp, state_dict=msd)  # config.json + safetensors (hub layout)
-        for f in TOKENIZER_FILES:
-            if os.path.exists(os.path.join(tokenizer_dir, f)):
-                shutil.copy2(os.path.join(tokenizer_dir, f), os.path.join(tmp, f))
-        if image_processor is not None:  # the pixel bounds this run used, for evaluation and RL to match
-            image_processor.save(tmp)
-        write_train_state(os.path.join(tmp, "train_state.pt"), dict(state, optimizer=osd, rng=rngs))
-        with open(os.path.join(tmp, "run_config.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        save_pretrained(model, tmp, state_dict=msd, dtype=dtype)  # config.json + safetensors (hub layout)
+        copy_hub_files(source_dir, tmp, image_processor)
         fsync_tree(tmp)
-        if os.path.exists(final):  # the same step saved again (a resumed run): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        state = dict(state, optimizer=osd, rng=rngs)
+        if dtype != torch.float32:  # step_N rounds the master weights: resume from these
+            state["model"] = msd
+        os.makedirs(os.path.join(args.out, "train_state"), exist_ok=True)
+        write_train_state(train_state_path(final), state)
+        replace_dir(tmp, final)  # the same step saved again (a resumed run): replaced whole
         _fsync_path(args.out)
         write_latest(args.out, name)
         if args.keep_last > 0:
             steps = sorted(int(d[5:]) for d in os.listdir(args.out) if d.startswith("step_") and d[5:].isdigit())
             for s in steps[:-args.keep_last]:
                 shutil.rmtree(os.path.join(args.out, f"step_{s}"))
+                if os.path.exists(train_state_path(os.path.join(args.out, f"step_{s}"))):
+                    os.remove(train_state_path(os.path.join(args.out, f"step_{s}")))
     if use_fsdp:
         dist.barrier()
     return final
@@ -425,7 +488,7 @@ def train(args, rank, world, device, use_fsdp):
     compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32,
                      "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
     if args.batch_size % (args.micro_batch * world):
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch {args.micro_batch}"
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch {args.micro_batch}"
                          f" x {world} processes")
     accum = args.batch_size // (args.micro_batch * world)
 
@@ -433,7 +496,7 @@ def train(args, rank, world, device, use_fsdp):
     ckpt = resolve_resume(args.resume, args.out) if args.resume else None
     if args.resume and ckpt is None:
         print0(f"--resume: no checkpoint in {args.out}, starting from {args.model}")
-    model_dir = ckpt or args.model
+    model_dir = ckpt or check_model_folder(args.model)  # a run folder (an SFT run for more SFT): its latest
 
     # ---- data: validated before anything is trained
     tok = Tokenizer(model_dir)
@@ -445,7 +508,7 @@ def train(args, rank, world, device, use_fsdp):
         print0(f"--skip-bad: dropped {ds.stats['bad']} invalid records, e.g.\n  " + "\n  ".join(ds.errors[:5]))
     steps_per_epoch = len(ds) // args.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{args.data}: {len(ds)} records, fewer than one batch of --batch-size {args.batch_size}")
+        raise UserError(f"{args.data}: {len(ds)} records, fewer than one batch of --batch-size {args.batch_size}")
     total_steps = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * steps_per_epoch))
     warmup = math.ceil(args.warmup_ratio * total_steps)
 
@@ -583,19 +646,15 @@ def train(args, rank, world, device, use_fsdp):
 
 
 def load_train_state(ckpt, model, optimizer, args, rank, world, num_records, steps_per_epoch, use_fsdp, device) -> int:
-    """Optimizer, RNG and data position from ckpt/train_state.pt; returns the step to continue from.
-    The model weights were already loaded from the same folder."""
-    state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", mmap=True, weights_only=True)
+    """Optimizer, RNG and data position from train_state_path(ckpt); returns the step to continue
+    from. The model weights were already loaded from ckpt (and are replaced by the float32 master
+    weights where the checkpoint holds a lower precision)."""
+    state = read_train_state(ckpt)
     for key, now in (("batch_size", args.batch_size), ("seed", args.seed), ("num_records", num_records),
                      ("group_by_length", not args.no_group_by_length)):
         if state[key] != now:
-            raise ValueError(f"cannot resume from {ckpt}: {key} was {state[key]}, now {now} (the data order would differ)")
-    if use_fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        optimizer.load_state_dict(state["optimizer"])
+            raise UserError(f"cannot resume from {ckpt}: {key} was {state[key]}, now {now} (the data order would differ)")
+    restore_weights_and_optimizer(model, optimizer, state, use_fsdp)
     if state["world_size"] == world:
         rng = state["rng"][rank]
         torch.set_rng_state(rng["cpu"])
@@ -604,8 +663,29 @@ def load_train_state(ckpt, model, optimizer, args, rank, world, num_records, ste
     return int(state["step"])
 
 
-if __name__ == "__main__":
+def read_train_state(ckpt: str) -> dict:
+    path = train_state_path(ckpt)
     try:
-        main()
-    except (DataError, NonFiniteLoss) as e:  # bad data or a diverged run: one message, no traceback
-        raise SystemExit(f"error: {e}") from None
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # absent, truncated, not a torch file
+        raise UserError(f"{path}: cannot read the training state of {ckpt} ({e})") from None
+
+
+def restore_weights_and_optimizer(model, optimizer, state: dict, use_fsdp: bool):
+    """The float32 master weights (if the checkpoint stored them) and the optimizer state."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if "model" in state:
+        if use_fsdp:
+            set_model_state_dict(model, state["model"], options=opts)
+        else:
+            model.load_state_dict(state["model"])
+    if use_fsdp:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -52,7 +52,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from data import IMAGE, PAD_ROLE, RESPONSE, ROLE_NAMES, SYSTEM, USER
-from model import attention_probs
+from model import UserError, attention_probs, run_cli
 
 N_ROLES = 4  # SYSTEM, IMAGE, USER, RESPONSE: the last axis of every role-mass tensor
 CHUNK_ELEMS = 2 ** 24  # default chunk: rows such that one chunk's (B, H, rows, Tk) holds ~16M values
@@ -561,7 +561,10 @@ def main(argv=None):
     model = from_pretrained(args.model, dtype=dtype, device=dev).eval()
     tok = data.Tokenizer(args.model)
     proc = data.ImageProcessor.from_pretrained(args.model, max_pixels=args.max_pixels)
-    image = data.load_image(args.image)
+    try:
+        image = data.load_image(args.image)
+    except (OSError, ValueError) as e:  # missing, empty or undecodable: the message names the file
+        raise UserError(str(e)) from None
     pv, grid = proc([image], names=[args.image])
     merge = model.cfg.vision.spatial_merge_size
     enc = data.encode_chat(tok, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}],
@@ -592,4 +595,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

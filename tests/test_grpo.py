@@ -287,10 +287,11 @@ def test_short_run_checkpoints_and_exact_resume(world, tmp_path):
     extra = ("--ppo-epochs", "2", "--kl-coef", "0.05", "--drop-zero-spread")
     a = tmp_path / "a"
     res = tg.main(run_args(world, a, 3, *extra), reward_fn=token_parity_reward)
-    assert sorted(os.listdir(a)) == ["latest", "metrics.jsonl", "run_config.json", "step_2", "step_3"]
+    assert sorted(os.listdir(a)) == ["latest", "metrics.jsonl", "run_config.json", "step_2", "step_3", "train_state"]
     assert open(a / "latest").read().strip() == "step_3"
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "train_state.pt"):
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
         assert os.path.exists(a / "step_3" / f)
+    assert sorted(os.listdir(a / "train_state")) == ["step_2.pt", "step_3.pt"]
     ma = read_metrics(a)
     assert [r["step"] for r in ma] == [1, 2, 3] and res["checkpoint"] == str(a / "step_3")
     assert all(r["loss"] is not None and r["kl"] is not None for r in ma)

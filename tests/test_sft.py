@@ -343,7 +343,7 @@ def test_resume_after_crash_mid_save(world, reference_run, tmp_path, monkeypatch
         train_sft.main(base_args(world, out))
     monkeypatch.setattr(train_sft, "write_train_state", real)
     assert (out / "latest").read_text().strip() == "step_2"
-    assert not (out / "step_4").exists() and (out / "step_2" / "train_state.pt").exists()
+    assert not (out / "step_4").exists() and (out / "train_state" / "step_2.pt").exists()
     from_pretrained(str(out / "step_2"), dtype=torch.float32)  # complete and loadable
 
     res = train_sft.main(base_args(world, out) + ["--resume"])
@@ -379,10 +379,10 @@ def test_checkpoint_loads_in_model_and_transformers(world, reference_run):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     ck = os.path.join(reference_run["out"], "step_4")
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-              "preprocessor_config.json", "train_state.pt", "run_config.json"):
-        assert os.path.exists(os.path.join(ck, f)), f
-    state = torch.load(os.path.join(ck, "train_state.pt"), weights_only=True)
+    assert sorted(os.listdir(ck)) == ["config.json", "generation_config.json", "model.safetensors",
+                                      "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"]
+    state = torch.load(train_sft.train_state_path(ck), weights_only=True)
+    assert "model" not in state  # a float32 source: step_4 holds the master weights themselves
     assert state["step"] == 4 and state["epoch"] == 2 and len(state["rng"]) == 1
     ours = from_pretrained(ck, dtype=torch.float32).eval()
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(ck, dtype=torch.float32, attn_implementation="sdpa").eval()
