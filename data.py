@@ -142,6 +142,16 @@ class Tokenizer:
             ids = ids.tolist()
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def decode_response(self, ids) -> str:
+        """The text of a generated response: drops the turn markers (<|im_start|>, <|im_end|>) and the
+        end-of-text / padding token, keeps every other token. skip_special_tokens=True would also drop
+        <think>, </think>, <answer>, </answer> where a tokenizer adds them as special tokens (the
+        paper's released tokenizer does), and with them every answer and every format reward."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        drop = {self.im_start_id, self.im_end_id, self.endoftext_id, self.pad_id}
+        return self.tok.decode([i for i in ids if i not in drop], skip_special_tokens=False)
+
 
 def byte_level_bpe(corpus=None, max_merges: int = 1024):
     """A byte-level BPE tokenizer (a `tokenizers.Tokenizer`) for tiny models trained from scratch:

@@ -3,7 +3,8 @@
 This top part is model-independent and is shared with training (GRPO's accuracy and format
 rewards, the SFT prompt):
 
-  extract_answer(response)    the final answer of a response: the last <answer>...</answer>,
+  extract_answer(response)    the final answer of a response: the last <answer>...</answer>
+                              (its box, or for a multi-line one its "answer is X" or last line),
                               else the last \\boxed{...}, else a trailing "the answer is X".
   grade(pred, gold, ...)      is the extracted answer right? (rules below)
   format_ok(response)         <think>...</think> then <answer>...</answer>, nothing else.
@@ -16,15 +17,17 @@ expressions (+ - * / ^, parentheses, \\frac, \\sqrt, \\pi) are read by a hand-wr
   multi_choice  the gold is a letter (or an option's text); the prediction may be "B", "(B)",
                 "B.", "B) text", "Option B", or the text of an option (case/space-insensitive).
   integer       the values must be equal (within 1e-6): "1,000" = "1000" = "1000.0".
-  float         relative tolerance 1e-4 (absolute 1e-6): "3/4" = "\\frac{3}{4}" = "0.75".
-  yes_no        the first word, case-insensitive: "Yes." = "yes" = "Yes, it is."
+  float         relative tolerance 1e-4 (absolute 1e-6): "3/4" = "\\frac{3}{4}" = "0.75"; with a
+                record's precision (MathVista), equality after rounding to that many decimals.
+  yes_no        the first word, case-insensitive: "Yes." = "yes" = "Yes, it is." = "\\text{yes}"
   text          string equality after normalisation (LaTeX wrappers, case, spaces removed),
                 or numeric equality when both sides read as numbers.
   None          inferred from the gold answer (infer_answer_type).
   Normalisation drops $...$, \\text{} / \\mathrm{} wrappers, \\left / \\right, degree marks
   (^\\circ, °), a short "x =" prefix, and a trailing unit word ("5 cm" = "5"). Percentages: the
   % sign is dropped, so "50%" = "50" but not "0.5" (mathruler's choice: benchmark answers state
-  percentages in the unit the question asks for).
+  percentages in the unit the question asks for). A record's unit (MathVista) is removed from the
+  prediction first. grade()'s docstring lists where this differs from mathruler's grade_answer.
 
 Records (one dict per question):
   id           str, unique in the file
@@ -33,15 +36,28 @@ Records (one dict per question):
                the readers already checked that each one decodes.
   question     str (a TSV "hint" is prepended as "Hint: ...")
   options      list[str], option A first; empty when the question is not multiple choice
-  answer       str, the gold answer
+  answer       str, the gold answer; None in a test split without answers (predicted, not scored)
   answer_type  one of ANSWER_TYPES, or None (grade() then infers it)
   benchmark    the file's stem, e.g. "MathVista_MINI"
+  and, from a TSV only where its columns give them:
+  precision    int, decimals a float answer is graded to (MathVista)
+  unit         str, the answer's unit, removed from predictions (MathVista)
+  groups       {column: [values]} from the GROUP_COLUMNS (category, l2-category, task, skills)
+  options_in_question  True when the question text already lists the options (MathVista,
+               MathVerse): build_prompt then does not repeat them
 
 Inputs:
   VLMEvalKit TSV: columns index, question, answer, and image (base64; or a python/JSON list of
     base64 strings; or, when 64 characters or fewer, the index of another row holding the image)
     or image_path (paths relative to the TSV's folder); options in columns A, B, C, ...; optional
     hint, answer_type, question_type. Rows with no image are dropped, as VLMEvalKit drops them.
+    MathVista_MINI: options only in `choices` (a python-literal list, read with ast.literal_eval),
+    the answer as option text and `answer_option` its letter (graded, as VLMEvalKit does),
+    question_type "multi_choice" / "free_form", answer_type integer / float / text / list,
+    `precision`, `unit`, `task` and `skills` (a list literal). MathVerse: question_type
+    "multi-choice" with the options in the question after a "Choices:" line ("A:2"), answer the
+    letter. A test split (MMBench_TEST) with no answer column, or an empty one on every row: all
+    rows are predicted, none scored; answers missing on only some rows is an error.
   jsonl, one JSON object per line (blank lines skipped):
     {"id": "geo-17", "images": ["img/17.png"], "question": "Find x.", "options": ["3", "4"],
      "answer": "B", "answer_type": "multi_choice"}
@@ -57,6 +73,7 @@ The evaluation loop (batched generation, VAS, sweeps) follows the marker further
     python evaluate.py --correlate ckpt1/predictions/*.jsonl ckpt2/predictions/*.jsonl --out corr/
 """
 
+import ast
 import base64
 import csv
 import io
@@ -116,15 +133,34 @@ def _clean(answer: str | None) -> str | None:
     return answer or None
 
 
+def _from_tag(content: str) -> str | None:
+    """The answer inside one <answer>...</answer>: the box in it ("<answer>\\boxed{5}</answer>" is
+    common), else the whole content when it is one line, else (a multi-line answer that works its
+    way to the result) a trailing "the answer is X", else its last line that is not a bare math
+    delimiter ($$, \\[, \\])."""
+    boxed = _last_boxed(content)
+    if boxed is not None:
+        return _clean(boxed)
+    lines = [ln for ln in content.strip().splitlines() if ln.strip() not in ("", "$$", "$", "\\[", "\\]")]
+    if len(lines) <= 1:
+        return _clean(lines[0] if lines else None)
+    phrases = [p for p in _ANSWER_PHRASE.findall(content) if p.strip()]
+    return _clean(phrases[-1] if phrases else re.sub(r"^\s*=\s*", "", lines[-1]))  # "= 12" -> "12"
+
+
 def extract_answer(response: str) -> str | None:
-    """The final answer of a response, or None when it states none."""
+    """The final answer of a response, or None when it states none.
+
+    With several <answer> tags the last one counts, as the last \\boxed{} does for mathruler's
+    extract_boxed_content (and so for EasyR1's math reward). The reward of the paper's released code
+    (Qwen-AVAR, EasyR1/examples/reward_function/avar.py) instead takes the first tag, and only one
+    on a single line (re.search without re.DOTALL); such responses fail our format_ok anyway, so
+    the choice changes accuracy only, never the format reward."""
     if not isinstance(response, str) or not response.strip():
         return None
     tags = _ANSWER_TAG.findall(response)
     if tags:
-        # "<answer>\boxed{5}</answer>" is common: take the box inside the tag.
-        boxed = _last_boxed(tags[-1])
-        return _clean(boxed if boxed is not None else tags[-1])
+        return _from_tag(tags[-1])
     boxed = _last_boxed(response)
     if boxed is not None:
         return _clean(boxed)
@@ -294,7 +330,7 @@ def _same_value(pred: str, gold: str, integer: bool = False) -> bool:
 
 
 def _yes_no(s: str) -> str | None:
-    m = re.match(r"\s*(yes|no)\b", s, re.I)
+    m = re.match(r"\s*(yes|no)\b", _normalize(s), re.I)  # "\\text{Yes}" = "Yes"
     return m.group(1).lower() if m else None
 
 
@@ -330,12 +366,40 @@ def infer_answer_type(gold: str, options: list[str] | None = None) -> str:
     return "text"
 
 
+def _strip_unit(pred: str, unit: str) -> str:
+    """The prediction without the question's unit ("12 cm^2" -> "12" when unit is "cm^2"), as
+    before or after the number ("$5" with unit "$")."""
+    u = re.escape(unit.strip())
+    return re.sub(rf"^\s*(?:{u})\s*|\s*(?:{u})\s*$", "", pred, flags=re.I) or pred
+
+
 def grade(pred: str | None, gold: str, options: list[str] | None = None,
-          answer_type: str | None = None) -> bool:
-    """Whether the predicted answer matches the gold one (rules in the module docstring)."""
+          answer_type: str | None = None, *, precision: int | None = None, unit: str | None = None) -> bool:
+    """Whether the predicted answer matches the gold one (rules in the module docstring).
+
+    precision  (MathVista's column) float answers: the prediction rounded to that many decimals
+               must equal the gold, as MathVista's own scorer does ("1.449" = "1.45" at 2);
+               without it the relative tolerance REL_TOL applies.
+    unit       (MathVista's column) the question's unit, removed from the prediction first: the
+               gold answers never carry it ("12 cm^2" = "12" with unit "cm^2").
+
+    Where this differs from mathruler's grade_answer (the reward of EasyR1 and of the paper's
+    released RL code), on purpose (tests/test_grading.py lists every case):
+      - values, not spellings: 2/4 = 1/2, \\frac{6}{2} = 3, 10^2 = 100, 3 \\times 10^{2} = 300
+        (mathruler keeps unreduced fractions and integers verbatim, and refuses "^{" to keep its
+        algebra fast); and a tolerance, 0.33333 = 1/3, where mathruler wants exact equality.
+      - units: any trailing unit word it knows is dropped ("3 m" = "3", "30°" = "30"), mathruler
+        drops only the few words on its list.
+      - multiple choice: "B.", "B) dog", "Option B" and an option's text name option B; mathruler
+        sees no options and compares strings.
+      - yes/no from the first word ("Yes, it is." = "Yes").
+      - no computer algebra: x^2+2x+1 != (x+1)^2, both compare as text (mathruler expands them).
+    """
     if pred is None or gold is None or not str(pred).strip():
         return False
     pred, gold, options = str(pred).strip(), str(gold).strip(), list(options or [])
+    if unit and str(unit).strip():
+        pred = _strip_unit(pred, str(unit))
     if answer_type is None:
         answer_type = infer_answer_type(gold, options)
     if answer_type not in ANSWER_TYPES:
@@ -352,6 +416,10 @@ def grade(pred: str | None, gold: str, options: list[str] | None = None,
         return _same_value(pred, gold)
     if answer_type == "yes_no":
         return _yes_no(gold) is not None and _yes_no(pred) == _yes_no(gold)
+    if answer_type == "float" and precision is not None:
+        p, g = _to_number(pred), _to_number(gold)
+        if p is not None and g is not None:
+            return round(p, int(precision)) == round(g, int(precision))
     return _same_value(pred, gold, integer=answer_type == "integer")
 
 
@@ -411,10 +479,44 @@ def _cell_list(cell: str) -> list[str]:
 
 
 def _answer_type(options: list, answer_type: str | None, question_type: str | None) -> str | None:
-    """The record's answer type from the file's columns; None when they state none we know."""
-    if options or question_type == "multi_choice":
+    """The record's answer type from the file's columns; None when they state none we know.
+    question_type is "multi_choice" in MathVista, "multi-choice" in MathVerse."""
+    if options or question_type.replace("-", "_") == "multi_choice":
         return "multi_choice"
     return answer_type if answer_type in ANSWER_TYPES else None
+
+
+def _literal_list(cell: str) -> list | None:
+    """A python-literal list cell (MathVista's choices and skills: "['3/11', '8/11']"), read with
+    ast.literal_eval (never eval); None when the cell is not one."""
+    try:
+        value = ast.literal_eval(cell.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else None
+
+
+_TEXT_OPTION = re.compile(r"\(?([A-Z])\)?\s*[:.)]?\s*(.+)")
+
+
+def _options_in_text(question: str) -> list[str]:
+    """The options a question lists after its "Choices:" line (MathVerse: "A:2", MathVista:
+    "(A) 2"), option A first and consecutive; [] when it lists none."""
+    m = re.search(r"(?im)^\s*choices\s*:?\s*$", question)
+    if m is None:
+        return []
+    options = []
+    for line in question[m.end():].strip().splitlines():
+        hit = _TEXT_OPTION.fullmatch(line.strip())
+        if hit is None or hit.group(1) != chr(65 + len(options)):
+            break
+        options.append(hit.group(2).strip())
+    return options
+
+
+# Columns whose values group the accuracy in the summary: MMBench's category / l2-category,
+# MathVista's task and skills (a list literal: a question counts in each of its skills).
+GROUP_COLUMNS = ("category", "l2-category", "task", "skills")
 
 
 def _set_csv_field_limit() -> None:
@@ -438,7 +540,7 @@ def read_tsv(path: str | Path) -> list[dict]:
         if not header:
             raise ValueError(f"{path}: empty file")
         rows = list(reader)
-    missing = [c for c in ("index", "question", "answer") if c not in header]
+    missing = [c for c in ("index", "question") if c not in header]
     if "image" not in header and "image_path" not in header:
         missing.append("image")
     if missing:
@@ -446,6 +548,9 @@ def read_tsv(path: str | Path) -> list[dict]:
     if not rows:
         raise ValueError(f"{path}: no rows")
     letters = [chr(65 + i) for i in range(26) if chr(65 + i) in header]
+    # A test split (MMBench_TEST) has no answers: no answer column, or an empty one. Its rows are
+    # predicted and left unscored. A file with some answers missing is an error instead.
+    scored = "answer" in header and any(_present(r.get("answer")) for r in rows)
 
     # VLMEvalKit saves space by writing, in place of a repeated image, the index of a row that
     # holds it; a real base64 image is always longer than 64 characters.
@@ -454,7 +559,7 @@ def read_tsv(path: str | Path) -> list[dict]:
     records, seen = [], set()
     for n, row in enumerate(rows, 1):
         where = f"{path}: row {n} (index {row.get('index')!r})"
-        for col in ("index", "question", "answer"):
+        for col in ("index", "question") + (("answer",) if scored else ()):
             if not _present(row.get(col)):
                 raise ValueError(f"{where}: empty {col!r}")
         idx = row["index"].strip()
@@ -498,14 +603,49 @@ def read_tsv(path: str | Path) -> list[dict]:
             raise ValueError(f"{where}: option columns are not consecutive from A")
         options = [row[c].strip() for c in filled]
         question = row["question"].strip()
+        question_type = (row.get("question_type") or "").strip()
+        extra = {}
+        if not options and _present(row.get("choices")) and row["choices"].strip() != "None":
+            # MathVista: multiple-choice options only in `choices`, a list literal
+            options = _literal_list(row["choices"])  # None: not a list
+            if options is None:
+                raise ValueError(f"{where}: choices {row['choices'][:80]!r} is not a list literal")
+        if not options and question_type.replace("-", "_") == "multi_choice":
+            options = _options_in_text(question)  # MathVerse: options inside the question
+            extra["options_in_question"] = bool(options)
+        elif options and not filled:
+            # MathVista's question already lists its choices: the prompt must not repeat them.
+            extra["options_in_question"] = bool(re.search(r"(?im)^\s*choices\s*:", question))
+        if not extra.get("options_in_question"):
+            extra.pop("options_in_question", None)
         if _present(row.get("hint")):
             question = f"Hint: {row['hint'].strip()}\n{question}"
+        answer = row["answer"].strip() if scored else None
+        letter = (row.get("answer_option") or "").strip()
+        if answer is not None and re.fullmatch(r"[A-Z]", letter):
+            # MathVista: answer is the option's text, answer_option its letter; VLMEvalKit grades
+            # the letter (two options may share a text).
+            if ord(letter) - 65 >= len(options):
+                raise ValueError(f"{where}: answer_option {letter!r} but {len(options)} options")
+            answer = letter
+        if _present(row.get("precision")):
+            try:
+                extra["precision"] = int(float(row["precision"]))
+            except ValueError:
+                raise ValueError(f"{where}: precision {row['precision']!r} is not a number") from None
+        if _present(row.get("unit")):
+            extra["unit"] = row["unit"].strip()
+        groups = {}
+        for col in GROUP_COLUMNS:
+            if _present(row.get(col)):
+                cell = row[col].strip()
+                groups[col] = (_literal_list(cell) or [cell]) if cell.startswith("[") else [cell]
+        if groups:
+            extra["groups"] = groups
         records.append(dict(
-            id=idx, images=images, question=question, options=options,
-            answer=row["answer"].strip(),
-            answer_type=_answer_type(options, (row.get("answer_type") or "").strip(),
-                                     (row.get("question_type") or "").strip()),
-            benchmark=path.stem))
+            id=idx, images=images, question=question, options=options, answer=answer,
+            answer_type=_answer_type(options, (row.get("answer_type") or "").strip(), question_type),
+            benchmark=path.stem, **extra))
     return records
 
 
@@ -572,7 +712,8 @@ def build_prompt(record: dict) -> str:
     """The user-turn text: question, "A. text" option lines, then the answer instruction.
     (The image placeholders are added by the chat template, not here.)"""
     lines = [record["question"].strip()]
-    lines += [f"{chr(65 + i)}. {opt}" for i, opt in enumerate(record.get("options") or [])]
+    if not record.get("options_in_question"):
+        lines += [f"{chr(65 + i)}. {opt}" for i, opt in enumerate(record.get("options") or [])]
     instruction = ANSWER_INSTRUCTION
     if record.get("options") or record.get("answer_type") == "multi_choice":
         instruction += " " + CHOICE_INSTRUCTION
@@ -596,8 +737,12 @@ def build_prompt(record: dict) -> str:
 #   {"id", "benchmark", "setting": {a_img, a_sys, layers}, "config": {max_new_tokens, temperature,
 #    top_p, seed, min_pixels, max_pixels, vas, vas_layers}, "answer" (gold), "answer_type", "response",
 #    "extracted", "correct", "stopped" (ended on a stop token rather than at max_new_tokens),
-#    "new_tokens", "prompt_tokens", "vas", "vas_per_layer" (VAS of each layer in "vas_layers")}
-# VAS is null for a prompt it does not count (no image or no system turn).
+#    "new_tokens", "prompt_tokens", "vas", "vas_per_layer" (VAS of each layer in "vas_layers"),
+#    and "groups" (the record's category / task / skills) where the benchmark has them}
+# VAS is null for a prompt it does not count (no image or no system turn); "answer" and "correct"
+# are null on a test split without answers (predicted, not scored).
+# Beside it, <benchmark>__<setting>.tsv: the VLMEvalKit-style table (index, question, answer,
+# prediction, hit, extracted), rewritten when the benchmark is done.
 # Lines are appended and flushed batch by batch. A rerun with the same arguments skips the ids
 # already in the file; the half-written last line a crash may leave is cut off and redone. A file
 # written with another setting or config is refused rather than mixed.
@@ -807,16 +952,20 @@ def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: lis
             preds = []
             for (_, rec), enc, row, n, (v, v_layers, v_ids) in zip(chunk, encs, tokens, lengths.tolist(), vas_values):
                 out = row[:n].tolist()
-                response = tok.decode(out, skip_special_tokens=True)
+                response = tok.decode_response(out)
                 extracted = extract_answer(response)
+                correct = None  # a test split without answers: predicted, not scored
+                if rec["answer"] is not None:
+                    correct = grade(extracted, rec["answer"], rec.get("options"), rec.get("answer_type"),
+                                    precision=rec.get("precision"), unit=rec.get("unit"))
                 preds.append({
                     "id": rec["id"], "benchmark": rec.get("benchmark"), "setting": setting.to_dict(),
                     "config": config, "answer": rec["answer"], "answer_type": rec.get("answer_type"),
-                    "response": response, "extracted": extracted,
-                    "correct": grade(extracted, rec["answer"], rec.get("options"), rec.get("answer_type")),
+                    "response": response, "extracted": extracted, "correct": correct,
                     "stopped": bool(out) and out[-1] in stop_ids, "new_tokens": n,
                     "prompt_tokens": len(enc["input_ids"]), "vas": v,
-                    "vas_per_layer": v_layers, "vas_layers": v_ids})
+                    "vas_per_layer": v_layers, "vas_layers": v_ids,
+                    **({"groups": rec["groups"]} if rec.get("groups") else {})})
             # one write per batch, then flush: a crash leaves whole batches plus at most a cut line
             f.write("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
             f.flush()
@@ -828,20 +977,50 @@ def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: lis
                 on_batch(preds)
     if bar is not None:
         bar.close()
+    write_prediction_table(records, [done[i] for i in ids], out_path.with_suffix(".tsv"))
     row = summarize([done[i] for i in ids])
     row.update(benchmark=records[0].get("benchmark") if records else out_path.stem, setting=setting.tag,
                predictions=str(out_path))
     return row
 
 
+def write_prediction_table(records: list[dict], preds: list[dict], path: str | Path) -> None:
+    """The predictions as VLMEvalKit writes them beside its results: a TSV with columns index,
+    question, answer, prediction (the whole response), hit (1 or 0; empty when unscored), plus our
+    extracted answer. Cells with tabs, newlines or quotes are quoted as pandas.to_csv quotes them."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["index", "question", "answer", "prediction", "hit", "extracted"])
+        for rec, p in zip(records, preds):
+            hit = "" if p.get("correct") is None else int(p["correct"])
+            w.writerow([rec["id"], rec["question"], "" if rec["answer"] is None else rec["answer"],
+                        p["response"], hit, "" if p["extracted"] is None else p["extracted"]])
+
+
+def _accuracy(preds: list[dict]) -> float | None:
+    scored = [p["correct"] for p in preds if p.get("correct") is not None]
+    return 100.0 * sum(map(bool, scored)) / len(scored) if scored else None
+
+
 def summarize(preds: list[dict]) -> dict:
-    """n, accuracy (%), mean VAS (over the predictions that have one) and its band."""
+    """n, accuracy (%, over the scored predictions; None when none is: a test split without
+    answers), unscored, mean VAS (over the predictions that have one) and its band, and, where the
+    benchmark has group columns (GROUP_COLUMNS), "groups": {column: {value: {"n", "accuracy"}}}."""
     n = len(preds)
     vas = [p["vas"] for p in preds if p.get("vas") is not None]
     mean_vas = sum(vas) / len(vas) if vas else None
-    return {"n": n, "accuracy": 100.0 * sum(bool(p.get("correct")) for p in preds) / n if n else None,
-            "mean_vas": mean_vas, "band": vas_band(mean_vas),
-            "no_answer": sum(p.get("extracted") is None for p in preds)}
+    row = {"n": n, "accuracy": _accuracy(preds), "unscored": sum(p.get("correct") is None for p in preds),
+           "mean_vas": mean_vas, "band": vas_band(mean_vas),
+           "no_answer": sum(p.get("extracted") is None for p in preds)}
+    members = {}  # column -> value -> predictions
+    for p in preds:
+        for col, values in (p.get("groups") or {}).items():
+            for v in dict.fromkeys(values):
+                members.setdefault(col, {}).setdefault(v, []).append(p)
+    if members:
+        row["groups"] = {col: {v: {"n": len(ps), "accuracy": _accuracy(ps)} for v, ps in sorted(by.items())}
+                         for col, by in members.items()}
+    return row
 
 
 def evaluate(model, tok: Tokenizer, proc: ImageProcessor, benchmarks, out_dir: str | Path,
@@ -892,6 +1071,13 @@ def summary_table(rows: list[dict]) -> str:
             lines.append(f"| mean | {s} | {sum(r['n'] for r in group)} | "
                          f"{_fmt(sum(acc) / len(acc) if len(acc) == len(group) else None)} | "
                          f"{_fmt(mean_vas)} | {vas_band(mean_vas)} |")
+    grouped = [r for r in rows if r.get("groups")]
+    if grouped:  # accuracy per category / task / skill, as VLMEvalKit's score files list it
+        lines += ["", "| benchmark | setting | column | group | n | accuracy |", "|---|---|---|---|---|---|"]
+        for r in grouped:
+            for col, by in r["groups"].items():
+                lines += [f"| {r['benchmark']} | {r['setting']} | {col} | {v} | {g['n']} | {_fmt(g['accuracy'])} |"
+                          for v, g in by.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -985,7 +1171,8 @@ def correlate(paths) -> dict:
         row = summarize(preds)
         row["file"] = str(path)
         files.append(row)
-    used = [f for f in files if f["mean_vas"] is not None and math.isfinite(f["mean_vas"])]
+    used = [f for f in files if f["mean_vas"] is not None and math.isfinite(f["mean_vas"])
+            and f["accuracy"] is not None]
     result = pearson([f["mean_vas"] for f in used], [f["accuracy"] for f in used])
     result["files"] = files
     return result

@@ -603,7 +603,7 @@ def generate_rollouts(model, tok, encs, group_ids, G, *, max_new_tokens, tempera
     stops = torch.tensor(list(tok.stop_ids))
     last = completions.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
     stopped = (lengths > 0) & torch.isin(last, stops)
-    texts = [tok.decode(completions[i, :int(lengths[i])].tolist(), skip_special_tokens=True) for i in range(N)]
+    texts = [tok.decode_response(completions[i, :int(lengths[i])]) for i in range(N)]
     return Rollout(prompts, roles, pvs, grids, records, completions, lengths,
                    torch.tensor(gids, dtype=torch.long), texts, stopped)
 
