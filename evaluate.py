@@ -42,7 +42,8 @@ Records (one dict per question):
   and, from a TSV only where its columns give them:
   precision    int, decimals a float answer is graded to (MathVista)
   unit         str, the answer's unit, removed from predictions (MathVista)
-  groups       {column: [values]} from the GROUP_COLUMNS (category, l2-category, task, skills)
+  groups       {column: [values]} from the GROUP_COLUMNS (category, l2-category, task, skills,
+               problem_version)
   options_in_question  True when the question text already lists the options (MathVista,
                MathVerse): build_prompt then does not repeat them
 
@@ -515,8 +516,9 @@ def _options_in_text(question: str) -> list[str]:
 
 
 # Columns whose values group the accuracy in the summary: MMBench's category / l2-category,
-# MathVista's task and skills (a list literal: a question counts in each of its skills).
-GROUP_COLUMNS = ("category", "l2-category", "task", "skills")
+# MathVista's task and skills (a list literal: a question counts in each of its skills), MathVerse's
+# problem_version (the split VLMEvalKit's MathVerse score lists).
+GROUP_COLUMNS = ("category", "l2-category", "task", "skills", "problem_version")
 
 
 def _set_csv_field_limit() -> None:
@@ -1076,8 +1078,8 @@ def summary_table(rows: list[dict]) -> str:
         lines += ["", "| benchmark | setting | column | group | n | accuracy |", "|---|---|---|---|---|---|"]
         for r in grouped:
             for col, by in r["groups"].items():
-                lines += [f"| {r['benchmark']} | {r['setting']} | {col} | {v} | {g['n']} | {_fmt(g['accuracy'])} |"
-                          for v, g in by.items()]
+                lines += [f"| {r['benchmark']} | {r['setting']} | {col} | {v} | {g['n']} | "
+                          f"{_fmt(g['accuracy'])} |" for v, g in by.items()]
     return "\n".join(lines) + "\n"
 
 

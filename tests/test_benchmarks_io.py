@@ -289,6 +289,7 @@ def test_mathverse_multi_choice_in_the_question(tmp_path):
                  question_type="free-form", problem_version="Vision Intensive", query_cot="...")]
     mc, free = read_benchmark(write_tsv(tmp_path / "MathVerse_MINI_Vision_Intensive.tsv", rows, header))
     assert mc["answer_type"] == "multi_choice" and mc["answer"] == "C"
+    assert mc["groups"] == {"problem_version": ["Vision Intensive"]}
     assert mc["options"] == ["2", "2\u221a{3}", "\u221a{3}", "2\u221a{2}"] and mc["options_in_question"]
     assert build_prompt(mc).count("\u221a{3}") == 2  # B and C, each once
     assert all(grade(p, "C", mc["options"], "multi_choice") for p in ("C", "(C)", "C: \u221a{3}", "\u221a{3}"))
