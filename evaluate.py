@@ -629,6 +629,9 @@ def read_tsv(path: str | Path) -> list[dict]:
             # the letter (two options may share a text).
             if ord(letter) - 65 >= len(options):
                 raise ValueError(f"{where}: answer_option {letter!r} but {len(options)} options")
+            if not _same_value(options[ord(letter) - 65], answer):  # a misaligned row
+                raise ValueError(f"{where}: answer {answer!r} is not option {letter} "
+                                 f"({options[ord(letter) - 65]!r})")
             answer = letter
         if _present(row.get("precision")):
             try:

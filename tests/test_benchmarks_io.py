@@ -317,6 +317,7 @@ def test_bad_math_benchmark_rows(tmp_path):
     bad = [dict(rows[0], index=7, choices="['3/11', '8/11'"),  # cut list literal
            dict(rows[0], index=8, choices="__import__('os')"),  # never evaluated
            dict(rows[0], index=9, answer_option="F"),
+           dict(rows[0], index=11, answer_option="C"),  # option C is 6/11, the answer 8/11
            dict(mathvista_rows()[1], index=10, precision="two")]
     for row in bad:
         path = write_tsv(tmp_path / "bad.tsv", rows + [row], MATHVISTA_HEADER)
