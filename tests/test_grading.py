@@ -1,7 +1,7 @@
-"""Answer extraction and grading (evaluate.py), checked against hand labels and against mathruler.
+"""Answer extraction and grading (grading.py), checked against hand labels and against mathruler.
 
 mathruler's grade_answer (the grader of EasyR1 and of AVAR's released RL code) is the independent
-reference. Every case where evaluate.grade deliberately differs from it is listed in DISAGREEMENTS
+reference. Every case where grading.grade deliberately differs from it is listed in DISAGREEMENTS
 with the reason; the test fails on any disagreement not listed there (and on listed ones that no
 longer disagree), so a change in behaviour cannot pass unnoticed.
 """
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from evaluate import extract_answer, format_ok, grade, infer_answer_type
+import evaluate
+from grading import extract_answer, format_ok, grade, infer_answer_type
 
 mathruler = pytest.importorskip("mathruler.grader")  # needs sympy and pylatexenc
 
@@ -183,7 +184,7 @@ CASES = [
     ("5\\text{ cm}", "5", None, None, True),
 ]
 
-# Whole responses: evaluate.extract_answer then grade, against mathruler.extract_boxed_content then
+# Whole responses: extract_answer then grade, against mathruler.extract_boxed_content then
 # grade_answer. (response, gold, expected)
 RESPONSE_CASES = [
     ("<think>2+3</think> The final value is \\boxed{5}.", "5", True),
@@ -403,9 +404,12 @@ def test_format_ok(response, ok):
 
 
 def test_model_output_is_never_run_as_code():
-    source = (Path(__file__).resolve().parents[1] / "evaluate.py").read_text()
-    assert not re.search(r"(?<![\w.])(eval|exec|compile|__import__)\(|sympy", source)
-    # the arithmetic reader accepts numbers and a few operators, nothing else
+    for name in ("grading.py", "evaluate.py"):
+        source = (Path(__file__).resolve().parents[1] / name).read_text()
+        assert not re.search(r"(?<![\w.])(eval|exec|compile|__import__)\(|sympy", source)
+    # the arithmetic reader accepts numbers and a few operators, nothing else (evaluate.grade is
+    # the grader the evaluation loop calls)
     for payload in ["__import__('os').system('true')", "1+1; import os", "2**1000000", "9^9^9^9",
                     "(" * 500 + "1" + ")" * 500, "lambda: 1"]:
-        assert grade(payload, "2") is False
+        assert evaluate.grade(payload, "2") is False
+
