@@ -39,6 +39,7 @@ RL code), on purpose (tests/test_grading.py lists every case):
 """
 
 import math
+import operator
 import re
 
 ANSWER_TYPES = ("multi_choice", "integer", "float", "text", "yes_no")
@@ -268,19 +269,21 @@ def _normalize(s: str) -> str:
 
 # ---- reading numbers without eval ----
 
-_TOKEN = re.compile(r"\s*(\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+|frac|sqrt|pi|[-+*/^()])")
+_TOKEN = re.compile(r"\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+|frac|sqrt|pi|[-+*/^()]")
 _SYMBOLS = [("\\dfrac", "frac"), ("\\tfrac", "frac"), ("\\frac", "frac"), ("\\sqrt", "sqrt"),
             ("\\pi", "pi"), ("\\cdot", "*"), ("\\times", "*"), ("\\div", "/"), ("×", "*"),
             ("·", "*"), ("÷", "/"), ("√", "sqrt"), ("π", "pi"), ("−", "-"), ("{", "("), ("}", ")")]
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2, "^": 3}
+_IMPLICIT = ("(", "sqrt", "pi", "frac")  # a product without "*": "2\\sqrt{3}", "3\\pi", "2(1+3)"
+_APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "^": operator.pow}
 
 
 def _arith(s: str) -> float | None:
     """Value of a small arithmetic expression, or None if it is anything else.
 
-    Grammar: expr = term {(+|-) term}; term = unary {(*|/) unary | implicit product};
-    unary = (+|-) unary | power; power = atom [^ unary]; atom = number | pi | (expr) |
-    sqrt atom | frac atom atom. Implicit products ("2\\sqrt{3}", "3\\pi", "2(1+3)") never join two
-    bare numbers, so "7 3" is not 21.
+    Precedence climbing, loosest first: + -; * / and the implicit product (which never joins two
+    bare numbers, so "7 3" is not 21); a leading sign; ^, right-associative (2^3^2 = 2^9,
+    -2^2 = -4, 2^-1 = 0.5). An operand is a number, pi, (expr), sqrt operand or frac operand operand.
     """
     if len(s) > 200:  # answers are short; this also bounds the recursion depth
         return None
@@ -289,77 +292,50 @@ def _arith(s: str) -> float | None:
     s = re.sub(r"(?<![\d.])(\d+)\s*\\[dt]?frac\{(\d+)\}\{(\d+)\}", r"(\1+\2/\3)", s)
     for latex, plain in _SYMBOLS:
         s = s.replace(latex, plain)
-    s = s.strip()
-    tokens, pos = [], 0
-    while pos < len(s):
-        m = _TOKEN.match(s, pos)
-        if m is None:
-            return None
-        tokens.append(m.group(1))
-        pos = m.end()
-    n = len(tokens)
+    tokens = _TOKEN.findall(s)
+    if "".join(tokens) != re.sub(r"\s+", "", s):  # a character that is no token
+        return None
+    tokens.reverse()  # tokens[-1] is the next token, tokens.pop() takes it
 
-    def expr(i):
-        v, i = term(i)
-        while i < n and tokens[i] in ("+", "-"):
-            w, j = term(i + 1)
-            v, i = (v + w if tokens[i] == "+" else v - w), j
-        return v, i
-
-    def term(i):
-        v, i = unary(i)
-        while i < n:
-            if tokens[i] in ("*", "/"):
-                w, j = unary(i + 1)
-                v, i = (v * w if tokens[i] == "*" else v / w), j
-            elif tokens[i] in ("(", "sqrt", "pi", "frac"):
-                w, i = power(i)
-                v *= w
-            else:
-                break
-        return v, i
-
-    def unary(i):
-        if i < n and tokens[i] in ("+", "-"):
-            v, j = unary(i + 1)
-            return (-v if tokens[i] == "-" else v), j
-        return power(i)
-
-    def power(i):
-        v, i = atom(i)
-        if i < n and tokens[i] == "^":
-            e, i = unary(i + 1)
-            if abs(e) > 64 or abs(v) > 1e6:  # no 10^10^10
-                raise ValueError("exponent too large")
-            v = v ** e  # a complex result (negative base, fractional power) is rejected below
-        return v, i
-
-    def atom(i):
-        if i >= n:
-            raise ValueError("expression ends early")
-        t = tokens[i]
+    def operand():
+        t = tokens.pop()  # IndexError: the expression ends early
         if t == "(":
-            v, i = expr(i + 1)
-            if i >= n or tokens[i] != ")":
+            v = climb(0)
+            if tokens.pop() != ")":
                 raise ValueError("unbalanced parenthesis")
-            return v, i + 1
-        if t == "pi":
-            return math.pi, i + 1
+            return v
         if t == "sqrt":
-            v, i = atom(i + 1)
-            return math.sqrt(v), i  # ValueError when v < 0
+            return math.sqrt(operand())  # ValueError below zero
         if t == "frac":
-            a, i = atom(i + 1)
-            b, i = atom(i)
-            return a / b, i
-        if t[0].isdigit() or t[0] == ".":
-            return float(t), i + 1
-        raise ValueError(f"unexpected {t!r}")
+            return operand() / operand()
+        return math.pi if t == "pi" else float(t)  # ValueError for an operator
+
+    def climb(min_precedence):
+        """The expression from the next token on, up to the first operator that binds looser."""
+        if tokens[-1] in ("+", "-"):  # a sign binds looser than ^, tighter than * and /
+            sign = tokens.pop()
+            v = climb(_PRECEDENCE["^"])
+            v = -v if sign == "-" else v
+        else:
+            v = operand()
+        while tokens:
+            implicit = tokens[-1] in _IMPLICIT
+            op = "*" if implicit else tokens[-1]
+            if op not in _PRECEDENCE or _PRECEDENCE[op] < min_precedence:
+                break
+            if not implicit:  # an implicit product consumes no token
+                tokens.pop()
+            p = _PRECEDENCE[op]
+            right = climb(p if op == "^" else p + 1)  # ^ groups to the right, the rest to the left
+            if op == "^" and (abs(right) > 64 or abs(v) > 1e6):  # no 10^10^10
+                raise ValueError("power too large")
+            v = _APPLY[op](v, right)  # a complex power (negative base, fractional exponent): see below
+        return v
 
     try:
-        v, i = expr(0)
-    except (ValueError, TypeError, ZeroDivisionError, OverflowError, RecursionError):
+        v = climb(0)
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError, RecursionError, IndexError):
         return None
-    if i != n or isinstance(v, complex) or not math.isfinite(v):
+    if tokens or isinstance(v, complex) or not math.isfinite(v):
         return None
     return float(v)

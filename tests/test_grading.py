@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import evaluate
-from grading import extract_answer, format_ok, grade, infer_answer_type
+from grading import _arith, extract_answer, format_ok, grade, infer_answer_type
 
 mathruler = pytest.importorskip("mathruler.grader")  # needs sympy and pylatexenc
 
@@ -413,3 +413,31 @@ def test_model_output_is_never_run_as_code():
                     "(" * 500 + "1" + ")" * 500, "lambda: 1"]:
         assert evaluate.grade(payload, "2") is False
 
+
+# ---- the arithmetic reader: precedence and associativity, values worked out by hand ----
+
+@pytest.mark.parametrize("expression, value", [
+    ("2^3^2", 512),  # ^ is right-associative: 2^(3^2) = 2^9, not (2^3)^2 = 64
+    ("-2^2", -4),  # the sign applies to the power: -(2^2)
+    ("2^-1", 0.5),
+    ("2^{-2}", 0.25),
+    ("1/2/2", 0.25),  # / is left-associative: (1/2)/2
+    ("2-3-4", -5),
+    ("2*-3", -6),
+    ("1+2*3", 7),
+    ("6/2(3)", 9),  # an implicit product binds like *, left to right: (6/2)*3
+    ("2(1+3)", 8),
+    ("\\sqrt{4}^2", 4),  # \sqrt takes one operand, then the power applies
+    ("\\frac{1}{2}^2", 0.25),
+    ("1\\frac{1}{2}", 1.5),  # a mixed number
+    ("1e3", 1000),
+])
+def test_arithmetic_values(expression, value):
+    assert _arith(expression) == value
+
+
+@pytest.mark.parametrize("expression", [
+    "", "7 3", "(2)3", "(1+2", "1+2)", "1+", "2^", "2**3", "1/0", "\\sqrt{-4}", "(-8)^(1/3)", "10^{100}", "x+1",
+])
+def test_arithmetic_rejects(expression):
+    assert _arith(expression) is None
