@@ -1350,7 +1350,7 @@ class _Filtered(Exception):
 def _synthesize_one(rec, image_paths, teachers, question):
     """Run the three stages on one record. Returns the response; raises _Filtered (wrong answer
     or unusable output) or TeacherError/other errors (failed)."""
-    from evaluate import extract_answer, grade
+    from grading import extract_answer, grade
 
     gold, options = str(rec["answer"]), rec.get("options") or None
 
@@ -1404,7 +1404,7 @@ def synthesize(in_path, out_path, teacher, reason_teacher=None, anchor_teacher=N
     flushed as soon as it and those before it are finished; `workers` records run at a time.
     Returns {"total", "done", "skipped", "filtered", "failed", "failed_ids"}.
     """
-    from evaluate import extract_answer, grade  # noqa: F401  (fail now, not after the first calls)
+    from grading import extract_answer, grade  # noqa: F401  (fail now, not after the first calls)
 
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
     problems = read_raw_problems(in_path)

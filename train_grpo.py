@@ -281,7 +281,7 @@ def aggregate(per_token, mask, mode="token_mean", total_tokens=None, num_seqs=No
 #                 from (seed, step, rank); ids >= tokenizer size never drawn). Under FSDP the
 #                 parameters are gathered once for the whole decode, so that processes whose
 #                 samples stop at different lengths issue no per-token collectives.
-#   2. rewards    r_acc = grade(extract_answer(text)), r_format = format_ok(text) (evaluate.py, the
+#   2. rewards    r_acc = grade(extract_answer(text)), r_format = format_ok(text) (grading.py, the
 #                 graders of the evaluation); r_visual = vas.visual_reward over the response rows of
 #                 prompt + completion, computed for correct answers only; r = total_reward(...).
 #   3. advantages group_advantages over the rewards of the whole step (all-gathered, so "batch"
@@ -322,6 +322,7 @@ from pathlib import Path  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import evaluate  # noqa: E402
+import grading  # noqa: E402
 from data import (PAD_ROLE, RESPONSE, DataError, ImageProcessor, Tokenizer, encode_chat, epoch_batches,  # noqa: E402
                   normalize_record)
 
@@ -655,11 +656,11 @@ def completion_logprobs(model, batch, temperature, vocab_size=None, chunk_size=5
 # ---------------------------------------------------------------------------------------------
 
 def accuracy_and_format(texts, records):
-    """r_acc (N,) in {0, 1}: evaluate.grade(extract_answer(text), gold); r_format (N,) in {0, 1}:
-    evaluate.format_ok(text), the full-match <think>...</think><answer>...</answer> check."""
-    acc = [float(evaluate.grade(evaluate.extract_answer(t), r["answer"], r.get("options"), r.get("answer_type")))
+    """r_acc (N,) in {0, 1}: grading.grade(extract_answer(text), gold); r_format (N,) in {0, 1}:
+    grading.format_ok(text), the full-match <think>...</think><answer>...</answer> check."""
+    acc = [float(grading.grade(grading.extract_answer(t), r["answer"], r.get("options"), r.get("answer_type")))
            for t, r in zip(texts, records)]
-    fmt = [float(evaluate.format_ok(t)) for t in texts]
+    fmt = [float(grading.format_ok(t)) for t in texts]
     return torch.tensor(acc), torch.tensor(fmt)
 
 
