@@ -162,6 +162,16 @@ class Tokenizer:
             ids = ids.tolist()
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def decode_response(self, ids) -> str:
+        """The text of a generated response: drops the turn markers (<|im_start|>, <|im_end|>) and the
+        end-of-text / padding token, keeps every other token. skip_special_tokens=True would also drop
+        <think>, </think>, <answer>, </answer> where a tokenizer adds them as special tokens (the
+        paper's released tokenizer does), and with them every answer and every format reward."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        drop = {self.im_start_id, self.im_end_id, self.endoftext_id, self.pad_id}
+        return self.tok.decode([i for i in ids if i not in drop], skip_special_tokens=False)
+
 
 def byte_level_bpe(corpus=None, max_merges: int = 1024):
     """A byte-level BPE tokenizer (a `tokenizers.Tokenizer`) for tiny models trained from scratch:
@@ -1555,7 +1565,7 @@ _RESPONSE_RE = re.compile(r"^<think>(.*?)</think>\s*<answer>(.*?)</answer>$", re
 def normalize_response(text):
     """Stage 3 output -> "<think>...</think><answer>...</answer>", or None when unusable.
     Tolerates code fences, text after </answer>, a missing <think> tag pair, and answer tags
-    quoted inside the reasoning (their text is kept); the result passes evaluate.format_ok."""
+    quoted inside the reasoning (their text is kept); the result passes grading.format_ok."""
     text = re.sub(r"^```[a-z]*\s*|\s*```$", "", text.strip()).strip()
     end = text.rfind("</answer>")
     if end < 0:
@@ -1584,7 +1594,7 @@ class _Filtered(Exception):
 def _synthesize_one(rec, image_paths, teachers, question):
     """Run the three stages on one record. Returns the response; raises _Filtered (wrong answer
     or unusable output) or TeacherError/other errors (failed)."""
-    from evaluate import extract_answer, grade
+    from grading import extract_answer, grade
 
     gold, options = str(rec["answer"]), rec.get("options") or None
 
@@ -1638,7 +1648,7 @@ def synthesize(in_path, out_path, teacher, reason_teacher=None, anchor_teacher=N
     flushed as soon as it and those before it are finished; `workers` records run at a time.
     Returns {"total", "done", "skipped", "filtered", "failed", "failed_ids"}.
     """
-    from evaluate import extract_answer, grade  # noqa: F401  (fail now, not after the first calls)
+    from grading import extract_answer, grade  # noqa: F401  (fail now, not after the first calls)
 
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
     problems = read_raw_problems(in_path)

@@ -1,30 +1,11 @@
 """Benchmark evaluation for the Qwen2.5-VL / AVAR models: read benchmarks, grade answers.
 
-This top part is model-independent and is shared with training (GRPO's accuracy and format
-rewards, the SFT prompt):
+Answers are graded by grading.py (extract_answer, grade, format_ok; its docstring has the rules).
+This top part is model-independent and is shared with training (the SFT and GRPO prompts):
 
-  extract_answer(response)    the final answer of a response: the last <answer>...</answer>,
-                              else the last \\boxed{...}, else a trailing "the answer is X".
-  grade(pred, gold, ...)      is the extracted answer right? (rules below)
-  format_ok(response)         <think>...</think> then <answer>...</answer>, nothing else.
   read_benchmark(path)        a VLMEvalKit .tsv or the project's .jsonl -> list of records.
   load_images(record)         decode a record's images (kept as sources until needed).
   build_prompt(record)        the user-turn text in the training format.
-
-Grading rules (grade). Model output is never evaluated as code: numbers and small arithmetic
-expressions (+ - * / ^, parentheses, \\frac, \\sqrt, \\pi) are read by a hand-written parser.
-  multi_choice  the gold is a letter (or an option's text); the prediction may be "B", "(B)",
-                "B.", "B) text", "Option B", or the text of an option (case/space-insensitive).
-  integer       the values must be equal (within 1e-6): "1,000" = "1000" = "1000.0".
-  float         relative tolerance 1e-4 (absolute 1e-6): "3/4" = "\\frac{3}{4}" = "0.75".
-  yes_no        the first word, case-insensitive: "Yes." = "yes" = "Yes, it is."
-  text          string equality after normalisation (LaTeX wrappers, case, spaces removed),
-                or numeric equality when both sides read as numbers.
-  None          inferred from the gold answer (infer_answer_type).
-  Normalisation drops $...$, \\text{} / \\mathrm{} wrappers, \\left / \\right, degree marks
-  (^\\circ, °), a short "x =" prefix, and a trailing unit word ("5 cm" = "5"). Percentages: the
-  % sign is dropped, so "50%" = "50" but not "0.5" (mathruler's choice: benchmark answers state
-  percentages in the unit the question asks for).
 
 Records (one dict per question):
   id           str, unique in the file
@@ -34,15 +15,29 @@ Records (one dict per question):
                the readers already checked that each one decodes.
   question     str (a TSV "hint" is prepended as "Hint: ...")
   options      list[str], option A first; empty when the question is not multiple choice
-  answer       str, the gold answer
+  answer       str, the gold answer; None in a test split without answers (predicted, not scored)
   answer_type  one of ANSWER_TYPES, or None (grade() then infers it)
   benchmark    the file's stem, e.g. "MathVista_MINI"
+  and, from a TSV only where its columns give them:
+  precision    int, decimals a float answer is graded to (MathVista)
+  unit         str, the answer's unit, removed from predictions (MathVista)
+  groups       {column: [values]} from the GROUP_COLUMNS (category, l2-category, task, skills,
+               problem_version)
+  options_in_question  True when the question text already lists the options (MathVista,
+               MathVerse): build_prompt then does not repeat them
 
 Inputs:
   VLMEvalKit TSV: columns index, question, answer, and image (base64; or a python/JSON list of
     base64 strings; or, when 64 characters or fewer, the index of another row holding the image)
     or image_path (paths relative to the TSV's folder); options in columns A, B, C, ...; optional
     hint, answer_type, question_type. Rows with no image are dropped, as VLMEvalKit drops them.
+    MathVista_MINI: options only in `choices` (a python-literal list, read with ast.literal_eval),
+    the answer as option text and `answer_option` its letter (graded, as VLMEvalKit does),
+    question_type "multi_choice" / "free_form", answer_type integer / float / text / list,
+    `precision`, `unit`, `task` and `skills` (a list literal). MathVerse: question_type
+    "multi-choice" with the options in the question after a "Choices:" line ("A:2"), answer the
+    letter. A test split (MMBench_TEST) with no answer column, or an empty one on every row: all
+    rows are predicted, none scored; answers missing on only some rows is an error.
   jsonl, one JSON object per line (blank lines skipped):
     {"id": "geo-17", "images": ["img/17.png"], "question": "Find x.", "options": ["3", "4"],
      "answer": "B", "answer_type": "multi_choice"}
@@ -58,6 +53,7 @@ The evaluation loop (batched generation, VAS, sweeps) follows the marker further
     python evaluate.py --correlate ckpt1/predictions/*.jsonl ckpt2/predictions/*.jsonl --out corr/
 """
 
+import ast
 import base64
 import csv
 import io
@@ -69,291 +65,11 @@ from pathlib import Path
 
 from PIL import Image
 
-ANSWER_TYPES = ("multi_choice", "integer", "float", "text", "yes_no")
-REL_TOL = 1e-4  # float answers: relative tolerance ...
-ABS_TOL = 1e-6  # ... and absolute tolerance (also the only one for integers)
+from grading import ANSWER_TYPES, extract_answer, format_ok, grade, same_value  # format_ok: re-exported
 
 # The instruction closing every user turn; training data synthesis reuses these two strings.
 ANSWER_INSTRUCTION = "Reason inside <think> </think>, then give the final answer inside <answer> </answer>."
 CHOICE_INSTRUCTION = "Answer with the option letter."
-
-
-# ---- answer extraction ----
-
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
-_ANSWER_PHRASE = re.compile(r"\banswer\s*(?:is\b\s*:?|:)[ \t]*([^\n]*)", re.I)
-# Inside <think> or <answer> no other tag may appear, so a response cannot hide a second answer.
-_NO_TAG = r"(?:(?!</?think>|</?answer>).)*"
-_FORMAT = re.compile(rf"\s*<think>{_NO_TAG}</think>\s*<answer>({_NO_TAG})</answer>\s*", re.S)
-
-
-def _last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} whose braces balance (nested braces allowed), or None."""
-    end = len(text)
-    start = text.rfind("\\boxed{", 0, end)
-    while start != -1:
-        depth = 0
-        for i in range(start + 7, end):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                if depth == 0:
-                    return text[start + 7:i]
-                depth -= 1
-        # This box never closes, so an earlier one can only close before it: scan no further.
-        # (Keeps the search linear on adversarial text full of "\boxed{".)
-        end = start
-        start = text.rfind("\\boxed{", 0, end)
-    return None
-
-
-def _clean(answer: str | None) -> str | None:
-    """Strip whitespace, markdown bold and a trailing period; None when nothing is left."""
-    if answer is None:
-        return None
-    answer = answer.strip().strip("*").strip()
-    if answer.endswith("."):
-        answer = answer[:-1].rstrip()
-    return answer or None
-
-
-def extract_answer(response: str) -> str | None:
-    """The final answer of a response, or None when it states none."""
-    if not isinstance(response, str) or not response.strip():
-        return None
-    tags = _ANSWER_TAG.findall(response)
-    if tags:
-        # "<answer>\boxed{5}</answer>" is common: take the box inside the tag.
-        boxed = _last_boxed(tags[-1])
-        return _clean(boxed if boxed is not None else tags[-1])
-    boxed = _last_boxed(response)
-    if boxed is not None:
-        return _clean(boxed)
-    phrases = [p for p in _ANSWER_PHRASE.findall(response) if p.strip()]
-    return _clean(phrases[-1]) if phrases else None
-
-
-def format_ok(response: str) -> bool:
-    """GRPO's format reward: exactly <think>...</think> then a non-empty <answer>...</answer>."""
-    if not isinstance(response, str):
-        return False
-    m = _FORMAT.fullmatch(response)
-    return m is not None and m.group(1).strip() != ""
-
-
-# ---- reading numbers without eval ----
-
-_TOKEN = re.compile(r"\s*(\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+|frac|sqrt|pi|[-+*/^()])")
-_SYMBOLS = [("\\dfrac", "frac"), ("\\tfrac", "frac"), ("\\frac", "frac"), ("\\sqrt", "sqrt"),
-            ("\\pi", "pi"), ("\\cdot", "*"), ("\\times", "*"), ("\\div", "/"), ("×", "*"),
-            ("·", "*"), ("÷", "/"), ("√", "sqrt"), ("π", "pi"), ("−", "-"), ("{", "("), ("}", ")")]
-
-
-def _arith(s: str) -> float | None:
-    """Value of a small arithmetic expression, or None if it is anything else.
-
-    Grammar: expr = term {(+|-) term}; term = unary {(*|/) unary | implicit product};
-    unary = (+|-) unary | power; power = atom [^ unary]; atom = number | pi | (expr) |
-    sqrt atom | frac atom atom. Implicit products ("2\\sqrt{3}", "3\\pi", "2(1+3)") never join two
-    bare numbers, so "7 3" is not 21.
-    """
-    if len(s) > 200:  # answers are short; this also bounds the recursion depth
-        return None
-    s = re.sub(r"\\[dt]?frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
-    # a whole number just before a fraction of whole numbers is a mixed number: 1\frac{1}{2} = 1.5
-    s = re.sub(r"(?<![\d.])(\d+)\s*\\[dt]?frac\{(\d+)\}\{(\d+)\}", r"(\1+\2/\3)", s)
-    for latex, plain in _SYMBOLS:
-        s = s.replace(latex, plain)
-    s = s.strip()
-    tokens, pos = [], 0
-    while pos < len(s):
-        m = _TOKEN.match(s, pos)
-        if m is None:
-            return None
-        tokens.append(m.group(1))
-        pos = m.end()
-    n = len(tokens)
-
-    def expr(i):
-        v, i = term(i)
-        while i < n and tokens[i] in ("+", "-"):
-            w, j = term(i + 1)
-            v, i = (v + w if tokens[i] == "+" else v - w), j
-        return v, i
-
-    def term(i):
-        v, i = unary(i)
-        while i < n:
-            if tokens[i] in ("*", "/"):
-                w, j = unary(i + 1)
-                v, i = (v * w if tokens[i] == "*" else v / w), j
-            elif tokens[i] in ("(", "sqrt", "pi", "frac"):
-                w, i = power(i)
-                v *= w
-            else:
-                break
-        return v, i
-
-    def unary(i):
-        if i < n and tokens[i] in ("+", "-"):
-            v, j = unary(i + 1)
-            return (-v if tokens[i] == "-" else v), j
-        return power(i)
-
-    def power(i):
-        v, i = atom(i)
-        if i < n and tokens[i] == "^":
-            e, i = unary(i + 1)
-            if abs(e) > 64 or abs(v) > 1e6:  # no 10^10^10
-                raise ValueError("exponent too large")
-            v = v ** e  # a complex result (negative base, fractional power) is rejected below
-        return v, i
-
-    def atom(i):
-        if i >= n:
-            raise ValueError("expression ends early")
-        t = tokens[i]
-        if t == "(":
-            v, i = expr(i + 1)
-            if i >= n or tokens[i] != ")":
-                raise ValueError("unbalanced parenthesis")
-            return v, i + 1
-        if t == "pi":
-            return math.pi, i + 1
-        if t == "sqrt":
-            v, i = atom(i + 1)
-            return math.sqrt(v), i  # ValueError when v < 0
-        if t == "frac":
-            a, i = atom(i + 1)
-            b, i = atom(i)
-            return a / b, i
-        if t[0].isdigit() or t[0] == ".":
-            return float(t), i + 1
-        raise ValueError(f"unexpected {t!r}")
-
-    try:
-        v, i = expr(0)
-    except (ValueError, TypeError, ZeroDivisionError, OverflowError, RecursionError):
-        return None
-    if i != n or isinstance(v, complex) or not math.isfinite(v):
-        return None
-    return float(v)
-
-
-# ---- normalisation and grading ----
-
-_UNIT = re.compile(r"(?<=[\d\s)}])\s*(?:square\s+)?(?:units?|cm|mm|km|m|kg|mg|g|ml|l|liters?|litres?|"
-                   r"s|sec|seconds?|min|minutes?|h|hours?|days?|weeks?|months?|years?|degrees?|deg|"
-                   r"inch(?:es)?|in|ft|feet|foot|yards?|miles?|mph|meters?|metres?|centimeters?|"
-                   r"dollars?|cents?|points?|pounds?|lbs?|percent)(?:\^?\(?[23]\)?|[²³])?$", re.I)
-
-
-def _normalize(s: str) -> str:
-    """Strip LaTeX presentation that does not change an answer's meaning."""
-    s = s.strip()
-    s = re.sub(r"\\[\[\]()]", "", s)  # \( \) \[ \] math delimiters
-    s = s.replace("\\$", "").replace("$", "")
-    for _ in range(3):  # unwrap nested \text{\textbf{...}}
-        s = re.sub(r"\\(?:text|mathrm|textbf|mathbf|textit|mbox|operatorname)\s*\{([^{}]*)\}", r"\1", s)
-    s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s)
-    s = re.sub(r"\\[,;:! ]", " ", s)  # LaTeX spacing
-    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "", s).replace("°", "")  # degrees
-    s = s.replace("\\%", "%")
-    s = re.sub(r"^[A-Za-z]\w?\s*=\s*(?=[^=]+$)", "", s)  # "x = 5" -> "5" (a short left side only)
-    s = re.sub(r"\s+", " ", s).strip()
-    if s.endswith("."):
-        s = s[:-1].rstrip()
-    return s
-
-
-def _to_number(s: str) -> float | None:
-    """The value of an answer that is a number (with units, %, separators, LaTeX), else None."""
-    s = _normalize(s).replace("{,}", ",")
-    s = _UNIT.sub("", s).strip()
-    s = s.rstrip("%").strip()
-    if re.fullmatch(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # "1,000" but never the pair "1,2"
-        s = s.replace(",", "")
-    return _arith(s)
-
-
-def _text_key(s: str) -> str:
-    """Comparison key of a free-text answer: normalised, case-folded, without spaces."""
-    s = re.sub(r"\s+", "", _normalize(s).casefold())
-    if s.startswith("{") and s.endswith("}"):
-        s = s[1:-1]
-    return s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-
-
-def _same_value(pred: str, gold: str, integer: bool = False) -> bool:
-    """Numeric equality when both read as numbers, else equality of the text keys."""
-    p, g = _to_number(pred), _to_number(gold)
-    if p is not None and g is not None:
-        if integer:
-            return abs(p - g) <= ABS_TOL
-        return math.isclose(p, g, rel_tol=REL_TOL, abs_tol=ABS_TOL)
-    return _text_key(pred) == _text_key(gold)
-
-
-def _yes_no(s: str) -> str | None:
-    m = re.match(r"\s*(yes|no)\b", s, re.I)
-    return m.group(1).lower() if m else None
-
-
-_LETTER_ONLY = re.compile(r"(?:option\s*)?\(?([A-Za-z])\)?[.:)]?", re.I)
-_LETTER_PREFIX = re.compile(r"(?:option\s*)?(?:\(([A-Z])\)|([A-Z])[.:)](?=\s))", re.I)
-
-
-def _choice_letter(s: str, options: list[str]) -> str | None:
-    """The option letter an answer names ("B", "(b)", "B. text", "Option B", an option's text)."""
-    s = _normalize(s)
-    m = _LETTER_ONLY.fullmatch(s)
-    if m:
-        return m.group(1).upper()
-    m = _LETTER_PREFIX.match(s)
-    if m and (m.group(1) or m.group(2)).isupper():  # "B) text", but not a sentence "a) ..."
-        return m.group(1) or m.group(2)
-    hits = [chr(65 + i) for i, opt in enumerate(options) if _same_value(s, opt)]
-    return hits[0] if len(hits) == 1 else None  # two equal options: ambiguous
-
-
-def infer_answer_type(gold: str, options: list[str] | None = None) -> str:
-    """Guess the answer type from the gold answer, for records that do not state it."""
-    gold = str(gold).strip()
-    if re.fullmatch(r"\(?[A-Z]\)?\.?", gold):
-        return "multi_choice"
-    if options and _choice_letter(gold, options) is not None:
-        return "multi_choice"
-    if re.fullmatch(r"(?i)(yes|no)\.?", gold):
-        return "yes_no"
-    value = _to_number(gold)
-    if value is not None:
-        return "integer" if value == round(value) and "." not in gold else "float"
-    return "text"
-
-
-def grade(pred: str | None, gold: str, options: list[str] | None = None,
-          answer_type: str | None = None) -> bool:
-    """Whether the predicted answer matches the gold one (rules in the module docstring)."""
-    if pred is None or gold is None or not str(pred).strip():
-        return False
-    pred, gold, options = str(pred).strip(), str(gold).strip(), list(options or [])
-    if answer_type is None:
-        answer_type = infer_answer_type(gold, options)
-    if answer_type not in ANSWER_TYPES:
-        raise ValueError(f"unknown answer_type {answer_type!r}, expected one of {ANSWER_TYPES}")
-    if answer_type == "multi_choice":
-        gold_letter = _choice_letter(gold, options)
-        if gold_letter is not None:
-            return _choice_letter(pred, options) == gold_letter
-        # The gold is an answer text that no option matches (options unknown): compare values,
-        # reading a predicted letter as the text of its option.
-        letter = _choice_letter(pred, options)
-        if letter is not None and ord(letter) - 65 < len(options):
-            pred = options[ord(letter) - 65]
-        return _same_value(pred, gold)
-    if answer_type == "yes_no":
-        return _yes_no(gold) is not None and _yes_no(pred) == _yes_no(gold)
-    return _same_value(pred, gold, integer=answer_type == "integer")
 
 
 # ---- benchmark readers ----
@@ -420,10 +136,45 @@ def _cell_list(cell: str) -> list[str]:
 
 
 def _answer_type(options: list, answer_type: str | None, question_type: str | None) -> str | None:
-    """The record's answer type from the file's columns; None when they state none we know."""
-    if options or question_type == "multi_choice":
+    """The record's answer type from the file's columns; None when they state none we know.
+    question_type is "multi_choice" in MathVista, "multi-choice" in MathVerse."""
+    if options or question_type.replace("-", "_") == "multi_choice":
         return "multi_choice"
     return answer_type if answer_type in ANSWER_TYPES else None
+
+
+def _literal_list(cell: str) -> list | None:
+    """A python-literal list cell (MathVista's choices and skills: "['3/11', '8/11']"), read with
+    ast.literal_eval (never eval); None when the cell is not one."""
+    try:
+        value = ast.literal_eval(cell.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else None
+
+
+_TEXT_OPTION = re.compile(r"\(?([A-Z])\)?\s*[:.)]?\s*(.+)")
+
+
+def _options_in_text(question: str) -> list[str]:
+    """The options a question lists after its "Choices:" line (MathVerse: "A:2", MathVista:
+    "(A) 2"), option A first and consecutive; [] when it lists none."""
+    m = re.search(r"(?im)^\s*choices\s*:?\s*$", question)
+    if m is None:
+        return []
+    options = []
+    for line in question[m.end():].strip().splitlines():
+        hit = _TEXT_OPTION.fullmatch(line.strip())
+        if hit is None or hit.group(1) != chr(65 + len(options)):
+            break
+        options.append(hit.group(2).strip())
+    return options
+
+
+# Columns whose values group the accuracy in the summary: MMBench's category / l2-category,
+# MathVista's task and skills (a list literal: a question counts in each of its skills), MathVerse's
+# problem_version (the split VLMEvalKit's MathVerse score lists).
+GROUP_COLUMNS = ("category", "l2-category", "task", "skills", "problem_version")
 
 
 def _set_csv_field_limit() -> None:
@@ -447,7 +198,7 @@ def read_tsv(path: str | Path) -> list[dict]:
         if not header:
             raise ValueError(f"{path}: empty file")
         rows = list(reader)
-    missing = [c for c in ("index", "question", "answer") if c not in header]
+    missing = [c for c in ("index", "question") if c not in header]
     if "image" not in header and "image_path" not in header:
         missing.append("image")
     if missing:
@@ -455,6 +206,9 @@ def read_tsv(path: str | Path) -> list[dict]:
     if not rows:
         raise ValueError(f"{path}: no rows")
     letters = [chr(65 + i) for i in range(26) if chr(65 + i) in header]
+    # A test split (MMBench_TEST) has no answers: no answer column, or an empty one. Its rows are
+    # predicted and left unscored. A file with some answers missing is an error instead.
+    scored = "answer" in header and any(_present(r.get("answer")) for r in rows)
 
     # VLMEvalKit saves space by writing, in place of a repeated image, the index of a row that
     # holds it; a real base64 image is always longer than 64 characters.
@@ -463,7 +217,7 @@ def read_tsv(path: str | Path) -> list[dict]:
     records, seen = [], set()
     for n, row in enumerate(rows, 1):
         where = f"{path}: row {n} (index {row.get('index')!r})"
-        for col in ("index", "question", "answer"):
+        for col in ("index", "question") + (("answer",) if scored else ()):
             if not _present(row.get(col)):
                 raise ValueError(f"{where}: empty {col!r}")
         idx = row["index"].strip()
@@ -507,14 +261,52 @@ def read_tsv(path: str | Path) -> list[dict]:
             raise ValueError(f"{where}: option columns are not consecutive from A")
         options = [row[c].strip() for c in filled]
         question = row["question"].strip()
+        question_type = (row.get("question_type") or "").strip()
+        extra = {}
+        if not options and _present(row.get("choices")) and row["choices"].strip() != "None":
+            # MathVista: multiple-choice options only in `choices`, a list literal
+            options = _literal_list(row["choices"])  # None: not a list
+            if options is None:
+                raise ValueError(f"{where}: choices {row['choices'][:80]!r} is not a list literal")
+        if not options and question_type.replace("-", "_") == "multi_choice":
+            options = _options_in_text(question)  # MathVerse: options inside the question
+            extra["options_in_question"] = bool(options)
+        elif options and not filled:
+            # MathVista's question already lists its choices: the prompt must not repeat them.
+            extra["options_in_question"] = bool(re.search(r"(?im)^\s*choices\s*:", question))
+        if not extra.get("options_in_question"):
+            extra.pop("options_in_question", None)
         if _present(row.get("hint")):
             question = f"Hint: {row['hint'].strip()}\n{question}"
+        answer = row["answer"].strip() if scored else None
+        letter = (row.get("answer_option") or "").strip()
+        if answer is not None and re.fullmatch(r"[A-Z]", letter):
+            # MathVista: answer is the option's text, answer_option its letter; VLMEvalKit grades
+            # the letter (two options may share a text).
+            if ord(letter) - 65 >= len(options):
+                raise ValueError(f"{where}: answer_option {letter!r} but {len(options)} options")
+            if not same_value(options[ord(letter) - 65], answer):  # a misaligned row
+                raise ValueError(f"{where}: answer {answer!r} is not option {letter} "
+                                 f"({options[ord(letter) - 65]!r})")
+            answer = letter
+        if _present(row.get("precision")):
+            try:
+                extra["precision"] = int(float(row["precision"]))
+            except ValueError:
+                raise ValueError(f"{where}: precision {row['precision']!r} is not a number") from None
+        if _present(row.get("unit")):
+            extra["unit"] = row["unit"].strip()
+        groups = {}
+        for col in GROUP_COLUMNS:
+            if _present(row.get(col)):
+                cell = row[col].strip()
+                groups[col] = (_literal_list(cell) or [cell]) if cell.startswith("[") else [cell]
+        if groups:
+            extra["groups"] = groups
         records.append(dict(
-            id=idx, images=images, question=question, options=options,
-            answer=row["answer"].strip(),
-            answer_type=_answer_type(options, (row.get("answer_type") or "").strip(),
-                                     (row.get("question_type") or "").strip()),
-            benchmark=path.stem))
+            id=idx, images=images, question=question, options=options, answer=answer,
+            answer_type=_answer_type(options, (row.get("answer_type") or "").strip(), question_type),
+            benchmark=path.stem, **extra))
     return records
 
 
@@ -584,7 +376,8 @@ def build_prompt(record: dict) -> str:
     """The user-turn text: question, "A. text" option lines, then the answer instruction.
     (The image placeholders are added by the chat template, not here.)"""
     lines = [record["question"].strip()]
-    lines += [f"{chr(65 + i)}. {opt}" for i, opt in enumerate(record.get("options") or [])]
+    if not record.get("options_in_question"):
+        lines += [f"{chr(65 + i)}. {opt}" for i, opt in enumerate(record.get("options") or [])]
     instruction = ANSWER_INSTRUCTION
     if record.get("options") or record.get("answer_type") == "multi_choice":
         instruction += " " + CHOICE_INSTRUCTION
@@ -608,8 +401,12 @@ def build_prompt(record: dict) -> str:
 #   {"id", "benchmark", "setting": {a_img, a_sys, layers}, "config": {max_new_tokens, temperature,
 #    top_p, seed, min_pixels, max_pixels, vas, vas_layers}, "answer" (gold), "answer_type", "response",
 #    "extracted", "correct", "stopped" (ended on a stop token rather than at max_new_tokens),
-#    "new_tokens", "prompt_tokens", "vas", "vas_per_layer" (VAS of each layer in "vas_layers")}
-# VAS is null for a prompt it does not count (no image or no system turn).
+#    "new_tokens", "prompt_tokens", "vas", "vas_per_layer" (VAS of each layer in "vas_layers"),
+#    and "groups" (the record's category / task / skills) where the benchmark has them}
+# VAS is null for a prompt it does not count (no image or no system turn); "answer" and "correct"
+# are null on a test split without answers (predicted, not scored).
+# Beside it, <benchmark>__<setting>.tsv: the VLMEvalKit-style table (index, question, answer,
+# prediction, hit, extracted), rewritten when the benchmark is done.
 # Lines are appended and flushed batch by batch. A rerun with the same arguments skips the ids
 # already in the file; the half-written last line a crash may leave is cut off and redone. A file
 # written with another setting or config is refused rather than mixed.
@@ -850,16 +647,20 @@ def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: lis
             preds = []
             for (_, rec), enc, row, n, (v, v_layers, v_ids) in zip(chunk, encs, tokens, lengths.tolist(), vas_values):
                 out = row[:n].tolist()
-                response = tok.decode(out, skip_special_tokens=True)
+                response = tok.decode_response(out)
                 extracted = extract_answer(response)
+                correct = None  # a test split without answers: predicted, not scored
+                if rec["answer"] is not None:
+                    correct = grade(extracted, rec["answer"], rec.get("options"), rec.get("answer_type"),
+                                    precision=rec.get("precision"), unit=rec.get("unit"))
                 preds.append({
                     "id": rec["id"], "benchmark": rec.get("benchmark"), "setting": setting.to_dict(),
                     "config": config, "answer": rec["answer"], "answer_type": rec.get("answer_type"),
-                    "response": response, "extracted": extracted,
-                    "correct": grade(extracted, rec["answer"], rec.get("options"), rec.get("answer_type")),
+                    "response": response, "extracted": extracted, "correct": correct,
                     "stopped": bool(out) and out[-1] in stop_ids, "new_tokens": n,
                     "prompt_tokens": len(enc["input_ids"]), "vas": v,
-                    "vas_per_layer": v_layers, "vas_layers": v_ids})
+                    "vas_per_layer": v_layers, "vas_layers": v_ids,
+                    **({"groups": rec["groups"]} if rec.get("groups") else {})})
             # one write per batch, then flush: a crash leaves whole batches plus at most a cut line
             f.write("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
             f.flush()
@@ -871,20 +672,51 @@ def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: lis
                 on_batch(preds)
     if bar is not None:
         bar.close()
-    row = summarize([done[i] for i in ids if i in done])
+    kept = [r for r in records if r["id"] in done]  # a question skipped under skip_bad has no prediction
+    write_prediction_table(kept, [done[r["id"]] for r in kept], out_path.with_suffix(".tsv"))
+    row = summarize([done[r["id"]] for r in kept])
     row.update(benchmark=records[0].get("benchmark") if records else out_path.stem, setting=setting.tag,
                predictions=str(out_path), skipped=len(skipped))
     return row
 
 
+def write_prediction_table(records: list[dict], preds: list[dict], path: str | Path) -> None:
+    """The predictions as VLMEvalKit writes them beside its results: a TSV with columns index,
+    question, answer, prediction (the whole response), hit (1 or 0; empty when unscored), plus our
+    extracted answer. Cells with tabs, newlines or quotes are quoted as pandas.to_csv quotes them."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["index", "question", "answer", "prediction", "hit", "extracted"])
+        for rec, p in zip(records, preds):
+            hit = "" if p.get("correct") is None else int(p["correct"])
+            w.writerow([rec["id"], rec["question"], "" if rec["answer"] is None else rec["answer"],
+                        p["response"], hit, "" if p["extracted"] is None else p["extracted"]])
+
+
+def _accuracy(preds: list[dict]) -> float | None:
+    scored = [p["correct"] for p in preds if p.get("correct") is not None]
+    return 100.0 * sum(map(bool, scored)) / len(scored) if scored else None
+
+
 def summarize(preds: list[dict]) -> dict:
-    """n, accuracy (%), mean VAS (over the predictions that have one) and its band."""
+    """n, accuracy (%, over the scored predictions; None when none is: a test split without
+    answers), unscored, mean VAS (over the predictions that have one) and its band, and, where the
+    benchmark has group columns (GROUP_COLUMNS), "groups": {column: {value: {"n", "accuracy"}}}."""
     n = len(preds)
     vas = [p["vas"] for p in preds if p.get("vas") is not None]
     mean_vas = sum(vas) / len(vas) if vas else None
-    return {"n": n, "accuracy": 100.0 * sum(bool(p.get("correct")) for p in preds) / n if n else None,
-            "mean_vas": mean_vas, "band": vas_band(mean_vas),
-            "no_answer": sum(p.get("extracted") is None for p in preds)}
+    row = {"n": n, "accuracy": _accuracy(preds), "unscored": sum(p.get("correct") is None for p in preds),
+           "mean_vas": mean_vas, "band": vas_band(mean_vas),
+           "no_answer": sum(p.get("extracted") is None for p in preds)}
+    members = {}  # column -> value -> predictions
+    for p in preds:
+        for col, values in (p.get("groups") or {}).items():
+            for v in dict.fromkeys(values):
+                members.setdefault(col, {}).setdefault(v, []).append(p)
+    if members:
+        row["groups"] = {col: {v: {"n": len(ps), "accuracy": _accuracy(ps)} for v, ps in sorted(by.items())}
+                         for col, by in members.items()}
+    return row
 
 
 def evaluate(model, tok: Tokenizer, proc: ImageProcessor, benchmarks, out_dir: str | Path,
@@ -935,6 +767,13 @@ def summary_table(rows: list[dict]) -> str:
             lines.append(f"| mean | {s} | {sum(r['n'] for r in group)} | "
                          f"{_fmt(sum(acc) / len(acc) if len(acc) == len(group) else None)} | "
                          f"{_fmt(mean_vas)} | {vas_band(mean_vas)} |")
+    grouped = [r for r in rows if r.get("groups")]
+    if grouped:  # accuracy per category / task / skill, as VLMEvalKit's score files list it
+        lines += ["", "| benchmark | setting | column | group | n | accuracy |", "|---|---|---|---|---|---|"]
+        for r in grouped:
+            for col, by in r["groups"].items():
+                lines += [f"| {r['benchmark']} | {r['setting']} | {col} | {v} | {g['n']} | "
+                          f"{_fmt(g['accuracy'])} |" for v, g in by.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -1028,7 +867,8 @@ def correlate(paths) -> dict:
         row = summarize(preds)
         row["file"] = str(path)
         files.append(row)
-    used = [f for f in files if f["mean_vas"] is not None and math.isfinite(f["mean_vas"])]
+    used = [f for f in files if f["mean_vas"] is not None and math.isfinite(f["mean_vas"])
+            and f["accuracy"] is not None]
     result = pearson([f["mean_vas"] for f in used], [f["accuracy"] for f in used])
     result["files"] = files
     return result

@@ -281,7 +281,7 @@ def aggregate(per_token, mask, mode="token_mean", total_tokens=None, num_seqs=No
 #                 from (seed, step, rank); ids >= tokenizer size never drawn). Under FSDP the
 #                 parameters are gathered once for the whole decode, so that processes whose
 #                 samples stop at different lengths issue no per-token collectives.
-#   2. rewards    r_acc = grade(extract_answer(text)), r_format = format_ok(text) (evaluate.py, the
+#   2. rewards    r_acc = grade(extract_answer(text)), r_format = format_ok(text) (grading.py, the
 #                 graders of the evaluation); r_visual = vas.visual_reward over the response rows of
 #                 prompt + completion, computed for correct answers only; r = total_reward(...).
 #   3. advantages group_advantages over the rewards of the whole step (all-gathered, so "batch"
@@ -322,6 +322,7 @@ from pathlib import Path  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import evaluate  # noqa: E402
+import grading  # noqa: E402
 from data import (IMAGE_PLACEHOLDER, PAD_ROLE, RESPONSE, DataError, ImageProcessor, Tokenizer,  # noqa: E402
                   answer_text, encode_chat, epoch_batches, image_tokens, normalize_record, read_records)
 from model import UserError  # noqa: E402
@@ -470,8 +471,8 @@ class PromptDataset:
                 if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
                     raise ValueError("`options` must be a list of strings")
                 answer_type = obj.get("answer_type")
-                if answer_type is not None and answer_type not in evaluate.ANSWER_TYPES:
-                    raise ValueError(f"answer_type {answer_type!r} not in {evaluate.ANSWER_TYPES}")
+                if answer_type is not None and answer_type not in grading.ANSWER_TYPES:
+                    raise ValueError(f"answer_type {answer_type!r} not in {grading.ANSWER_TYPES}")
                 record = dict(id=str(obj.get("id", where)), question=_question_of(rec), options=options,
                               images=[Path(p) if isinstance(p, str) else p for p in rec.images],
                               image_placeholders=True, answer=answer.strip(),
@@ -613,7 +614,7 @@ def generate_rollouts(model, tok, encs, group_ids, G, *, max_new_tokens, tempera
     stops = torch.tensor(list(tok.stop_ids))
     last = completions.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
     stopped = (lengths > 0) & torch.isin(last, stops)
-    texts = [tok.decode(completions[i, :int(lengths[i])].tolist(), skip_special_tokens=True) for i in range(N)]
+    texts = [tok.decode_response(completions[i, :int(lengths[i])]) for i in range(N)]
     return Rollout(prompts, roles, pvs, grids, records, completions, lengths,
                    torch.tensor(gids, dtype=torch.long), texts, stopped)
 
@@ -665,11 +666,11 @@ def completion_logprobs(model, batch, temperature, vocab_size=None, chunk_size=5
 # ---------------------------------------------------------------------------------------------
 
 def accuracy_and_format(texts, records):
-    """r_acc (N,) in {0, 1}: evaluate.grade(extract_answer(text), gold); r_format (N,) in {0, 1}:
-    evaluate.format_ok(text), the full-match <think>...</think><answer>...</answer> check."""
-    acc = [float(evaluate.grade(evaluate.extract_answer(t), r["answer"], r.get("options"), r.get("answer_type")))
+    """r_acc (N,) in {0, 1}: grading.grade(extract_answer(text), gold); r_format (N,) in {0, 1}:
+    grading.format_ok(text), the full-match <think>...</think><answer>...</answer> check."""
+    acc = [float(grading.grade(grading.extract_answer(t), r["answer"], r.get("options"), r.get("answer_type")))
            for t, r in zip(texts, records)]
-    fmt = [float(evaluate.format_ok(t)) for t in texts]
+    fmt = [float(grading.format_ok(t)) for t in texts]
     return torch.tensor(acc), torch.tensor(fmt)
 
 

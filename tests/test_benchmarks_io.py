@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluate import (ANSWER_INSTRUCTION, CHOICE_INSTRUCTION, build_prompt, load_images, read_benchmark)
+from evaluate import (ANSWER_INSTRUCTION, CHOICE_INSTRUCTION, build_prompt, grade, load_images, read_benchmark)
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 HEADER = ["index", "question", "hint", "A", "B", "C", "D", "answer", "answer_type", "image"]
@@ -161,10 +161,10 @@ def test_bad_tsv_files(tmp_path):
     header_only = write_tsv(tmp_path / "header_only.tsv", [])
     with pytest.raises(ValueError, match=r"header_only\.tsv: no rows"):
         read_benchmark(header_only)
-    no_answer = write_tsv(tmp_path / "no_answer.tsv", [dict(index=1, question="q", image="x")],
-                          ["index", "question", "image"])
-    with pytest.raises(ValueError, match=r"no_answer\.tsv: missing required column.*answer"):
-        read_benchmark(no_answer)
+    no_question = write_tsv(tmp_path / "no_question.tsv", [dict(index=1, answer="1", image="x")],
+                            ["index", "answer", "image"])
+    with pytest.raises(ValueError, match=r"no_question\.tsv: missing required column.*question"):
+        read_benchmark(no_question)  # (no answer column is a test split: test_answerless_split)
     no_image = write_tsv(tmp_path / "no_image.tsv", [dict(index=1, question="q", answer="1")],
                          ["index", "question", "answer"])
     with pytest.raises(ValueError, match=r"no_image\.tsv: missing required column.*image"):
@@ -212,3 +212,114 @@ def test_empty_jsonl(tmp_path):
     path.write_text("\n  \n")
     with pytest.raises(ValueError, match=r"blank\.jsonl: empty file"):
         read_benchmark(path)
+
+
+# ---- VLMEvalKit's math benchmarks and test splits, with the columns their TSVs carry ----
+
+MATHVISTA_HEADER = ["index", "image", "question", "answer", "question_type", "answer_type", "choices",
+                    "unit", "precision", "task", "skills", "answer_option"]
+MC_QUERY = ("Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at "
+            "the end.\nQuestion: What fraction of the shape is blue?\nChoices:\n(A) 3/11\n(B) 8/11\n(C) 6/11\n"
+            "(D) 3/5")
+
+
+def mathvista_rows():
+    """Rows shaped as VLMEvalKit's MathVista_MINI.tsv: the full query in `question` (choices listed
+    in it), multiple-choice options only in `choices` (a python list literal), the answer as option
+    text plus `answer_option`, missing cells as pandas writes them ("nan")."""
+    img = b64(png_bytes(BLUE))
+    return [
+        dict(index=1, image=img, question=MC_QUERY, answer="8/11", question_type="multi_choice",
+             answer_type="text", choices="['3/11', '8/11', '6/11', '3/5']", unit="nan", precision="nan",
+             task="math word problem", skills="['arithmetic reasoning', 'numeric commonsense']",
+             answer_option="B"),
+        dict(index=2, image=img, question="Hint: ... two decimal places ...\nQuestion: How much money does Luca "
+             "need? (Unit: $)", answer="1.45", question_type="free_form", answer_type="float", choices="nan",
+             unit="$", precision="2.0", task="math word problem", skills="['arithmetic reasoning']",
+             answer_option="nan"),
+        dict(index=3, image=img, question="Question: What is the perimeter? (Unit: cm)", answer="14",
+             question_type="free_form", answer_type="integer", choices="", unit="cm", precision="",
+             task="geometry problem solving", skills="['geometry reasoning', 'algebraic reasoning']",
+             answer_option=""),
+        # two options with one text: only answer_option says which is meant
+        dict(index=4, image=img, question="Question: Which bar is taller?\nChoices:\n(A) 5\n(B) 5\n(C) 7",
+             answer="5", question_type="multi_choice", answer_type="text", choices="['5', '5', '7']",
+             task="figure question answering", skills="['statistical reasoning']", answer_option="B"),
+    ]
+
+
+def test_mathvista_columns(tmp_path):
+    path = write_tsv(tmp_path / "MathVista_MINI.tsv", mathvista_rows(), MATHVISTA_HEADER)
+    mc, money, perim, twin = read_benchmark(path)
+    assert mc["options"] == ["3/11", "8/11", "6/11", "3/5"] and mc["answer_type"] == "multi_choice"
+    assert mc["answer"] == "B"  # answer_option, which VLMEvalKit grades
+    assert mc["groups"] == {"task": ["math word problem"], "skills": ["arithmetic reasoning", "numeric commonsense"]}
+    # the query lists the choices already: the prompt must not list them twice
+    assert mc["options_in_question"] and build_prompt(mc).count("8/11") == 1
+    assert money["options"] == [] and money["answer_type"] == "float"
+    assert money["precision"] == 2 and money["unit"] == "$" and "options_in_question" not in money
+    assert perim["answer_type"] == "integer" and perim["unit"] == "cm" and "precision" not in perim
+    assert twin["answer"] == "B" and twin["options"] == ["5", "5", "7"]
+
+    def graded(rec, pred):
+        return grade(pred, rec["answer"], rec["options"], rec["answer_type"],
+                     precision=rec.get("precision"), unit=rec.get("unit"))
+
+    # a letter, the letter with its text, or the option text: all name B
+    assert [graded(mc, p) for p in ("B", "(B) 8/11", "8/11", "(B)", "B. 8/11")] == [True] * 5
+    assert [graded(mc, p) for p in ("A", "3/11", "(C) 6/11", "D")] == [False] * 4
+    # what the reader gave before `choices` was read: no options, gold "8/11", type text
+    assert grade("B", "8/11", [], "text") is False
+    # MathVista's scorer rounds a float prediction to `precision` decimals; the unit is not part of it
+    assert [graded(money, p) for p in ("1.45", "$1.45", "1.449", "1.45 $")] == [True] * 4
+    assert [graded(money, p) for p in ("1.4", "1.46", "145")] == [False] * 3
+    assert graded(perim, "14 cm") and graded(perim, "14") and not graded(perim, "15 cm")
+    assert graded(twin, "B") and not graded(twin, "A") and not graded(twin, "5")  # "5" is ambiguous
+
+
+def test_mathverse_multi_choice_in_the_question(tmp_path):
+    """MathVerse (VLMEvalKit's MathVerse_MINI*.tsv): question_type "multi-choice" with a hyphen,
+    the options in the question text after "Choices:", the answer a letter."""
+    header = ["index", "image", "question", "answer", "question_type", "problem_version", "query_cot"]
+    q = ("As shown in the figure, circle O has a radius 1.0, if angle BAC = 60.0, then the length of BC is ()\n"
+         "Choices:\nA:2\nB:2\u221a{3}\nC:\u221a{3}\nD:2\u221a{2}")
+    rows = [dict(index=5, image=b64(png_bytes()), question=q, answer="C", question_type="multi-choice",
+                 problem_version="Vision Intensive", query_cot=q),
+            dict(index=6, image="5", question="Find the area of the square.", answer="16",
+                 question_type="free-form", problem_version="Vision Intensive", query_cot="...")]
+    mc, free = read_benchmark(write_tsv(tmp_path / "MathVerse_MINI_Vision_Intensive.tsv", rows, header))
+    assert mc["answer_type"] == "multi_choice" and mc["answer"] == "C"
+    assert mc["groups"] == {"problem_version": ["Vision Intensive"]}
+    assert mc["options"] == ["2", "2\u221a{3}", "\u221a{3}", "2\u221a{2}"] and mc["options_in_question"]
+    assert build_prompt(mc).count("\u221a{3}") == 2  # B and C, each once
+    assert all(grade(p, "C", mc["options"], "multi_choice") for p in ("C", "(C)", "C: \u221a{3}", "\u221a{3}"))
+    assert not any(grade(p, "C", mc["options"], "multi_choice") for p in ("B", "2\u221a{3}", "D"))
+    assert free["answer_type"] is None and free["options"] == [] and grade("16", free["answer"])
+
+
+@pytest.mark.parametrize("answer_column", [False, True])
+def test_answerless_split(tmp_path, answer_column):
+    """A test split (MMBench_TEST_EN-style: no answer column, or one left empty): every row is read,
+    with answer None, for prediction without scoring."""
+    header = ["index", "question", "hint", "A", "B", "C", "D", "category", "l2-category", "image"]
+    header += ["answer"] if answer_column else []
+    rows = [dict(index=i, question=f"Q{i}?", A="x", B="y", category="attribute_recognition",
+                 **{"l2-category": "finegrained_perception"}, answer="",
+                 image=b64(png_bytes()) if i == 0 else "0") for i in range(3)]
+    recs = read_benchmark(write_tsv(tmp_path / "MMBench_TEST_EN.tsv", rows, header))
+    assert [r["id"] for r in recs] == ["0", "1", "2"]
+    assert all(r["answer"] is None and r["answer_type"] == "multi_choice" for r in recs)
+    assert recs[0]["groups"] == {"category": ["attribute_recognition"], "l2-category": ["finegrained_perception"]}
+
+
+def test_bad_math_benchmark_rows(tmp_path):
+    rows = mathvista_rows()[:1]
+    bad = [dict(rows[0], index=7, choices="['3/11', '8/11'"),  # cut list literal
+           dict(rows[0], index=8, choices="__import__('os')"),  # never evaluated
+           dict(rows[0], index=9, answer_option="F"),
+           dict(rows[0], index=11, answer_option="C"),  # option C is 6/11, the answer 8/11
+           dict(mathvista_rows()[1], index=10, precision="two")]
+    for row in bad:
+        path = write_tsv(tmp_path / "bad.tsv", rows + [row], MATHVISTA_HEADER)
+        with pytest.raises(ValueError, match=r"bad\.tsv: row 2 \(index '\d+'\)"):
+            read_benchmark(path)

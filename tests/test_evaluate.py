@@ -347,3 +347,142 @@ def test_sampling_is_reproducible_from_the_seed(parts, benches, tmp_path):
     run(parts, records, tmp_path / "c.jsonl", seed=4, **kw)
     a, b, c = ([r["response"] for r in lines(tmp_path / f"{x}.jsonl")] for x in "abc")
     assert a == b and a != c
+
+
+# ------------------------------------------------------------------------------------ reasoning tags as special tokens
+
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+@pytest.fixture(scope="module")
+def tagged_dir(model_dir, tmp_path_factory):
+    """The model folder with the four reasoning tags added as special tokens, written by the
+    tokenizers library as the paper's released tokenizer has them (added_tokens, "special": true)."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    d = tmp_path_factory.mktemp("tagged")
+    shutil.copytree(model_dir, d, dirs_exist_ok=True)
+    hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TAGS])
+    hf.save(str(d / "tokenizer.json"))
+    added = {t["content"]: t for t in json.loads((d / "tokenizer.json").read_text())["added_tokens"]}
+    assert all(added[t]["special"] is True for t in TAGS)
+    return d
+
+
+def fake_generate_for(tok, responses):
+    """A model.generate stand-in: for each prompt, the ids of the response whose key occurs in the
+    prompt text, then <|im_end|>, right-padded."""
+    def generate(prompts, pixel_values=None, image_grid_thw=None, *, max_new_tokens, pad_id, num_samples=1, **kw):
+        rows = []
+        for p in prompts:
+            text = tok.decode(p)
+            (response,) = [r for key, r in responses.items() if key in text]
+            rows += [(tok.encode(response) + [tok.im_end_id])[:max_new_tokens]] * num_samples
+        out = torch.full((len(rows), max_new_tokens), pad_id)
+        for b, ids in enumerate(rows):
+            out[b, :len(ids)] = torch.tensor(ids)
+        return out, torch.tensor([len(ids) for ids in rows])
+    return generate
+
+
+def test_decode_response_keeps_special_reasoning_tags(tagged_dir):
+    tok = Tokenizer(str(tagged_dir))
+    assert all(len(tok.encode(t)) == 1 for t in TAGS)  # each tag is one added token
+    response = "<think>The square is red.</think><answer>A</answer>"
+    ids = tok.encode(response) + [tok.im_end_id, tok.pad_id, tok.pad_id]
+    assert tok.decode_response(ids) == response
+    assert tok.decode_response(torch.tensor([tok.im_start_id] + ids)) == response
+    # what skip_special_tokens=True gives: no tags, so no answer and no format reward
+    stripped = tok.decode(ids, skip_special_tokens=True)
+    assert stripped == "The square is red.A" and E.extract_answer(stripped) is None
+    assert not E.format_ok(stripped) and E.format_ok(tok.decode_response(ids))
+
+
+def test_evaluation_scores_tagged_responses(parts, tagged_dir, benches, tmp_path, monkeypatch):
+    model, _, proc = parts
+    tok = Tokenizer(str(tagged_dir))
+    records = E.read_benchmark(benches[0])
+    responses = {r["question"]: f"<think>looked</think><answer>{r['answer']}</answer>" for r in records}
+    monkeypatch.setattr(model, "generate", fake_generate_for(tok, responses))
+    row = E.evaluate_benchmark(model, tok, proc, records, tmp_path / "p.jsonl", max_new_tokens=32, vas=False,
+                               progress=False)
+    recs = lines(tmp_path / "p.jsonl")
+    assert row["accuracy"] == 100.0 and all(r["correct"] for r in recs)
+    assert [r["response"] for r in recs] == [responses[q["question"]] for q in records]
+    # the decode the loop used before: every answer lost
+    old = [tok.decode(tok.encode(responses[q["question"]]), skip_special_tokens=True) for q in records]
+    assert not any(E.grade(E.extract_answer(t), q["answer"], q["options"], q["answer_type"])
+                   for t, q in zip(old, records))
+
+
+def test_grpo_rewards_of_tagged_responses(tagged_dir):
+    import train_grpo as tg
+
+    tok = Tokenizer(str(tagged_dir))
+    model = torch.nn.Linear(1, 1)  # generate_rollouts reads only its device
+    model.generate = fake_generate_for(tok, {"Q": "<think>2+3</think><answer>5</answer>"})
+    ids = torch.tensor(tok.encode("Q"))
+    encs = [{"input_ids": ids, "roles": torch.zeros_like(ids), "pixel_values": None, "image_grid_thw": None,
+             "record": {"answer": "5", "options": [], "answer_type": "integer"}}]
+    ro = tg.generate_rollouts(model, tok, encs, [0], 2, max_new_tokens=24, temperature=1.0, top_p=1.0, seed=0)
+    assert ro.texts == ["<think>2+3</think><answer>5</answer>"] * 2
+    acc, fmt = tg.accuracy_and_format(ro.texts, ro.records)
+    assert acc.tolist() == [1.0, 1.0] and fmt.tolist() == [1.0, 1.0]
+    assert tg.total_reward(acc, torch.zeros(2), fmt).tolist() == pytest.approx([1.1, 1.1])
+
+
+# ------------------------------------------------------------------------------------ MathVista, test splits
+
+def read_table(path):
+    import csv
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_mathvista_groups_and_prediction_table(parts, tmp_path, monkeypatch):
+    from test_benchmarks_io import MATHVISTA_HEADER, mathvista_rows, write_tsv as write_rows
+
+    model, tok, proc = parts
+    path = write_rows(tmp_path / "MathVista_MINI.tsv", mathvista_rows(), MATHVISTA_HEADER)
+    responses = {"fraction of the shape": "<think>8 of 11</think><answer>(B) 8/11</answer>",
+                 "Luca": "<think>sum</think><answer>\n$1.449\n</answer>",  # precision 2, unit $
+                 "perimeter": "<think>2(3+4)</think><answer>15 cm</answer>",
+                 "taller": "<think>\t\"twin\"</think><answer>B</answer>"}
+    monkeypatch.setattr(model, "generate", fake_generate_for(tok, responses))
+    (row,) = E.evaluate(model, tok, proc, [path], tmp_path / "out", progress=False, vas=False, max_new_tokens=64)
+    assert row["accuracy"] == 75.0 and row["unscored"] == 0
+    groups = row["groups"]
+    assert groups["task"] == {"figure question answering": {"n": 1, "accuracy": 100.0},
+                              "geometry problem solving": {"n": 1, "accuracy": 0.0},
+                              "math word problem": {"n": 2, "accuracy": 100.0}}
+    # a question counts in each of its skills
+    assert groups["skills"]["arithmetic reasoning"] == {"n": 2, "accuracy": 100.0}
+    assert groups["skills"]["geometry reasoning"] == {"n": 1, "accuracy": 0.0}
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| MathVista_MINI | base | skills | numeric commonsense | 1 | 100.00 |" in md
+    # the VLMEvalKit-style table beside the jsonl, read back as a TSV (quoted tabs, newlines, quotes)
+    table = read_table(tmp_path / "out" / "predictions" / "MathVista_MINI__base.tsv")
+    assert [t["index"] for t in table] == ["1", "2", "3", "4"]
+    assert [t["hit"] for t in table] == ["1", "1", "0", "1"] and table[0]["answer"] == "B"
+    assert [t["prediction"] for t in table] == list(responses.values())
+    assert table[0]["question"] == E.read_benchmark(path)[0]["question"] and table[1]["extracted"] == "$1.449"
+
+
+def test_answerless_split_is_predicted_not_scored(parts, tmp_path, monkeypatch):
+    model, tok, proc = parts
+    img = base64.b64encode(png((5, 5, 5))).decode()
+    path = tmp_path / "MMBench_TEST_EN.tsv"
+    path.write_text("index\tquestion\tA\tB\tcategory\timage\n" + "".join(
+        f"{i}\tQuestion {i}?\tx\ty\t{'ocr' if i else 'scene'}\t{img if i == 0 else '0'}\n" for i in range(3)))
+    monkeypatch.setattr(model, "generate", fake_generate_for(tok, {"Question": "<think>t</think><answer>A</answer>"}))
+    (row,) = E.evaluate(model, tok, proc, [path], tmp_path / "out", progress=False, vas=False, max_new_tokens=64)
+    recs = lines(tmp_path / "out" / "predictions" / "MMBench_TEST_EN__base.jsonl")
+    assert [r["id"] for r in recs] == ["0", "1", "2"] and all(r["extracted"] == "A" for r in recs)
+    assert all(r["answer"] is None and r["correct"] is None for r in recs)
+    assert row["n"] == 3 and row["unscored"] == 3 and row["accuracy"] is None
+    assert row["groups"]["category"] == {"ocr": {"n": 2, "accuracy": None}, "scene": {"n": 1, "accuracy": None}}
+    assert "| MMBench_TEST_EN | base | 3 | - |" in (tmp_path / "out" / "summary.md").read_text()
+    table = read_table(tmp_path / "out" / "predictions" / "MMBench_TEST_EN__base.tsv")
+    assert [(t["answer"], t["hit"]) for t in table] == [("", "")] * 3

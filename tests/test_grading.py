@@ -1,7 +1,7 @@
-"""Answer extraction and grading (evaluate.py), checked against hand labels and against mathruler.
+"""Answer extraction and grading (grading.py), checked against hand labels and against mathruler.
 
 mathruler's grade_answer (the grader of EasyR1 and of AVAR's released RL code) is the independent
-reference. Every case where evaluate.grade deliberately differs from it is listed in DISAGREEMENTS
+reference. Every case where grading.grade deliberately differs from it is listed in DISAGREEMENTS
 with the reason; the test fails on any disagreement not listed there (and on listed ones that no
 longer disagree), so a change in behaviour cannot pass unnoticed.
 """
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from evaluate import extract_answer, format_ok, grade, infer_answer_type
+import evaluate
+from grading import _arith, extract_answer, format_ok, grade, infer_answer_type
 
 mathruler = pytest.importorskip("mathruler.grader")  # needs sympy and pylatexenc
 
@@ -174,9 +175,16 @@ CASES = [
     ("Not sure", "No", None, None, False),
     ("None", "No", None, None, False),
     ("Maybe", "Yes", None, "yes_no", False),
+    ("\\text{yes}", "yes", None, None, True),
+    ("\\text{No}", "no", None, None, True),
+    ("\\textbf{Yes}", "No", None, None, False),
+    # powers and units (differences from mathruler, documented in grade())
+    ("10^2", "100", None, None, True),
+    ("12", "12 cm", None, None, True),
+    ("5\\text{ cm}", "5", None, None, True),
 ]
 
-# Whole responses: evaluate.extract_answer then grade, against mathruler.extract_boxed_content then
+# Whole responses: extract_answer then grade, against mathruler.extract_boxed_content then
 # grade_answer. (response, gold, expected)
 RESPONSE_CASES = [
     ("<think>2+3</think> The final value is \\boxed{5}.", "5", True),
@@ -188,6 +196,14 @@ RESPONSE_CASES = [
     ("<think>x</think><answer>\\boxed{7}</answer>", "7", True),
     ("Therefore, the answer is 42.", "42", True),
     ("I cannot tell.", "3", False),
+    # a multi-line <answer>: its box, else its "answer is X", else its last line
+    ("<think>w = 6, h = 2</think>\n<answer>\nThe area is 6 * 2.\nSo the answer is 12\n</answer>", "12", True),
+    ("<think>t</think><answer>\nArea = 6 * 2\n= 12\n</answer>", "12", True),
+    ("<think>t</think><answer>\n$$\n\\frac{1}{2}\n$$\n</answer>", "0.5", True),
+    ("<think>t</think><answer>\nfirst 3,\nthen \\boxed{4}\n</answer>", "4", True),
+    # several answers: the last counts, as the last box does
+    ("<answer>3</answer> no, wait: <answer>4</answer>", "4", True),
+    ("<answer>3</answer> no, wait: <answer>4</answer>", "3", False),
 ]
 
 # Deliberate disagreements with mathruler: (prediction, gold) -> reason.
@@ -230,6 +246,12 @@ DISAGREEMENTS = {
     ("Yes, it is.", "Yes"): "yes/no read from the first word",
     ("<think>area is 12</think><answer>12</answer>", "12"): "answer tag (mathruler reads \\boxed only)",
     ("Therefore, the answer is 42.", "42"): "'the answer is' phrase (mathruler reads \\boxed only)",
+    ("10^2", "100"): "powers evaluated: 10^2 is 100",
+    ("<think>w = 6, h = 2</think>\n<answer>\nThe area is 6 * 2.\nSo the answer is 12\n</answer>", "12"):
+        "answer tag (mathruler reads \\boxed only)",
+    ("<think>t</think><answer>\nArea = 6 * 2\n= 12\n</answer>", "12"): "answer tag",
+    ("<think>t</think><answer>\n$$\n\\frac{1}{2}\n$$\n</answer>", "0.5"): "answer tag",
+    ("<answer>3</answer> no, wait: <answer>4</answer>", "4"): "answer tag",
 }
 AGREEMENT_THRESHOLD = 0.70  # stated floor; the measured figure is printed by the test
 
@@ -274,6 +296,26 @@ def test_agreement_with_mathruler_is_the_documented_one():
     assert not undocumented, f"undocumented disagreements with mathruler: {sorted(undocumented)}"
     assert not stale, f"documented disagreements that no longer disagree: {sorted(stale)}"
     assert agreement >= AGREEMENT_THRESHOLD
+
+
+def _released_accuracy_reward(response: str, gold: str) -> float:
+    """accuracy_reward of the paper's released RL code (Qwen-AVAR,
+    EasyR1/examples/reward_function/avar.py), restated: the first <answer> on one line (re.search
+    without re.DOTALL), else the whole response, graded by mathruler."""
+    m = re.search(r"<answer>(.*?)</answer>", response)
+    return float(mathruler.grade_answer(m.group(1).strip() if m else response.strip(), gold.strip()))
+
+
+def test_which_answer_counts_against_the_released_reward():
+    """Where the stated choices (last tag; multi-line tags read) part from the released reward."""
+    several = "<think>t</think><answer>3</answer> no, wait: <answer>4</answer>"
+    assert extract_answer(several) == "4" and _released_accuracy_reward(several, "3") == 1.0
+    assert not format_ok(several)  # so a GRPO rollout like this earns no format reward either way
+    multi = "<think>t</think><answer>\n12\n</answer>"
+    assert extract_answer(multi) == "12" and grade(extract_answer(multi), "12")
+    assert _released_accuracy_reward(multi, "12") == 0.0  # no match without re.DOTALL
+    single = "<think>t</think><answer>12</answer>"  # the common case: both agree
+    assert grade(extract_answer(single), "12") and _released_accuracy_reward(single, "12") == 1.0
 
 
 def test_infer_answer_type():
@@ -362,9 +404,40 @@ def test_format_ok(response, ok):
 
 
 def test_model_output_is_never_run_as_code():
-    source = (Path(__file__).resolve().parents[1] / "evaluate.py").read_text()
-    assert not re.search(r"(?<![\w.])(eval|exec|compile|__import__)\(|sympy", source)
-    # the arithmetic reader accepts numbers and a few operators, nothing else
+    for name in ("grading.py", "evaluate.py"):
+        source = (Path(__file__).resolve().parents[1] / name).read_text()
+        assert not re.search(r"(?<![\w.])(eval|exec|compile|__import__)\(|sympy", source)
+    # the arithmetic reader accepts numbers and a few operators, nothing else (evaluate.grade is
+    # the grader the evaluation loop calls)
     for payload in ["__import__('os').system('true')", "1+1; import os", "2**1000000", "9^9^9^9",
                     "(" * 500 + "1" + ")" * 500, "lambda: 1"]:
-        assert grade(payload, "2") is False
+        assert evaluate.grade(payload, "2") is False
+
+
+# ---- the arithmetic reader: precedence and associativity, values worked out by hand ----
+
+@pytest.mark.parametrize("expression, value", [
+    ("2^3^2", 512),  # ^ is right-associative: 2^(3^2) = 2^9, not (2^3)^2 = 64
+    ("-2^2", -4),  # the sign applies to the power: -(2^2)
+    ("2^-1", 0.5),
+    ("2^{-2}", 0.25),
+    ("1/2/2", 0.25),  # / is left-associative: (1/2)/2
+    ("2-3-4", -5),
+    ("2*-3", -6),
+    ("1+2*3", 7),
+    ("6/2(3)", 9),  # an implicit product binds like *, left to right: (6/2)*3
+    ("2(1+3)", 8),
+    ("\\sqrt{4}^2", 4),  # \sqrt takes one operand, then the power applies
+    ("\\frac{1}{2}^2", 0.25),
+    ("1\\frac{1}{2}", 1.5),  # a mixed number
+    ("1e3", 1000),
+])
+def test_arithmetic_values(expression, value):
+    assert _arith(expression) == value
+
+
+@pytest.mark.parametrize("expression", [
+    "", "7 3", "(2)3", "(1+2", "1+2)", "1+", "2^", "2**3", "1/0", "\\sqrt{-4}", "(-8)^(1/3)", "10^{100}", "x+1",
+])
+def test_arithmetic_rejects(expression):
+    assert _arith(expression) is None
