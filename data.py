@@ -32,6 +32,13 @@ The toy world and the data synthesis (the end of this file):
     what they see ("I see a red square.") and re-check the image ("Looking at the image again, ...").
     The text-only variant keeps the same question and reasoning without the image (the paper's
     text-only cold-start, section 2).
+    The base model (`pretrain_toy_model`, run by `python data.py toy`): the random model trained
+    with train_sft.py's LM loss on pretrain.jsonl, problems of their own drawn by the same
+    renderer, half captions ("Describe the image." -> "A red triangle in the top left."), half
+    the question answered at once ("<answer>red</answer>"): like an instruction-tuned VLM it reads
+    images and answers before any cold-start, and it carries an attention sink on the system turn.
+    The visual-anchored records (sft_anchored.jsonl) are the SFT problems run through Part 2's
+    `synthesize` with ToyTeacher, a teacher that sees the drawing exactly.
 
     Part 2, visual-anchored synthesis (AVAR 4a). Each raw problem goes through three teacher calls:
         1. DESCRIBE_PROMPT  (+ images): structured description: global scan, element decomposition,
@@ -50,7 +57,8 @@ The toy world and the data synthesis (the end of this file):
     OpenAITeacher speaks to any OpenAI-compatible /chat/completions endpoint (vLLM, SGLang, hosted).
 
     Run:
-        python data.py toy --out toy --n-train 2000 --n-eval 200
+        python data.py toy --out toy --n-train 2000 --n-eval 200      # the world and the pretrained base model
+        python data.py toy --out toy --model-seed 1 --model-out runs/base_1   # the base model of another seed
         python data.py synth --input raw.jsonl --output cold_start.jsonl \
             --base-url http://localhost:8000/v1 --model Qwen2.5-VL-72B-Instruct [--api-key-env VAR]
 """
@@ -1129,6 +1137,44 @@ def toy_chance(family, options=None):
     return 1.0 / len(TOY_FAMILIES[family][1])
 
 
+def _where(s, size):
+    """Where a shape's centre lies: "top left", "bottom right", ..."""
+    return f"{'top' if s['cy'] < size / 2 else 'bottom'} {'left' if s['cx'] < size / 2 else 'right'}"
+
+
+def toy_caption(facts):
+    """A one-line description of a drawing from its facts: what, how many, where, which bar is taller."""
+    size = facts["size"]
+    if "bars" in facts:
+        left, right = facts["bars"]
+        return (f"Two bars: a {left['color']} bar on the left and a {right['color']} bar on the right. "
+                f"The {facts['taller']} bar is taller.")
+    shapes = facts["shapes"]
+    if facts["family"] == "side":
+        return f"A {shapes[0]['color']} circle on the {facts['side']}."
+    names = [f"{_a(s)} in the {_where(s, size)}" for s in shapes]
+    if len(names) == 1:
+        return names[0][0].upper() + names[0][1:] + "."
+    return f"{len(names)} shapes: " + ", ".join(names) + "."
+
+
+CAPTION_QUESTION = "Describe the image."
+
+
+def toy_pretrain_record(problem, caption):
+    """A perception record of the base model's pretraining, for one toy problem: the caption
+    (CAPTION_QUESTION -> toy_caption) or the problem's question, in the prompt evaluate.py builds,
+    answered at once without reasoning ("<answer>X</answer>"), as an instruction-tuned model
+    answers before cold-start teaches it to reason first."""
+    from evaluate import build_prompt
+
+    _, _, answer, options, answer_type, facts = problem
+    if caption:
+        return {"question": CAPTION_QUESTION, "response": toy_caption(facts)}
+    prompt = build_prompt({"question": facts["stem"], "options": options, "answer_type": answer_type})
+    return {"question": prompt, "response": f"<answer>{answer}</answer>"}
+
+
 def _toy_rng(seed, split, i, attempt=0):
     # A string seed goes through sha512 in random.seed: stable across runs and PYTHONHASHSEED,
     # and the split name keeps the seeds of sft, rl and eval disjoint.
@@ -1140,18 +1186,23 @@ def _problem_key(image, question):
 
 
 def write_toy_world(out_dir, n_train=2000, n_eval=200, seed=0, image_size=56, n_rl=None,
-                    families=None):
+                    families=None, n_pretrain=None, anchored=True):
     """Write the toy world under out_dir:
         images/<id>.png
         sft.jsonl            {"id", "images": ["images/<id>.png"], "question", "response", "answer"}
         sft_text_only.jsonl  the same records with "images": [] (text-only cold-start)
         rl.jsonl             {"id", "images", "question", "answer", "options", "answer_type"}
         eval.jsonl           {"id", "images", "question", "options", "answer", "answer_type"}
+        pretrain.jsonl       perception records of the base model's pretraining (toy_pretrain_record):
+                             half captions, half direct answers, on problems of their own
+        sft_raw.jsonl        the sft problems as raw problems (the synthesis input form)
+        sft_anchored.jsonl   visual-anchored records: `synthesize` over sft_raw.jsonl with ToyTeacher
         toy_world.json       these counts and the chance accuracy
-    n_train problems for sft, n_rl (default n_train) for rl, n_eval held out; families are
-    assigned round robin. Image paths are relative to out_dir. Returns the counts, the chance
-    accuracy of eval.jsonl (overall and per family) and how many eval problems were redrawn
-    because they also occur in the training splits.
+    n_train problems for sft, n_rl (default n_train) for rl, n_pretrain (default 1.5 * n_train) for
+    pretraining, n_eval held out; families are assigned round robin. Image paths are relative to
+    out_dir. Returns the counts, the chance accuracy of eval.jsonl (overall and per family) and how
+    many eval problems were redrawn because they also occur in the training splits (pretraining
+    included). anchored=False skips the synthesis.
     """
     families = list(families or TOY_FAMILIES)
     n_rl = n_train if n_rl is None else n_rl
@@ -1184,8 +1235,10 @@ def write_toy_world(out_dir, n_train=2000, n_eval=200, seed=0, image_size=56, n_
             for rec in records:
                 f.write(json.dumps(rec) + "\n")
 
+    n_pretrain = 3 * n_train // 2 if n_pretrain is None else n_pretrain
     sft, _ = build("sft", n_train)
     rl, _ = build("rl", n_rl)
+    pre, _ = build("pretrain", n_pretrain)
     ev, redrawn = build("eval", n_eval, avoid=train_keys)
 
     # The SFT question is the whole user turn exactly as evaluate.build_prompt renders it for
@@ -1202,17 +1255,27 @@ def write_toy_world(out_dir, n_train=2000, n_eval=200, seed=0, image_size=56, n_
     dump("sft_text_only.jsonl", [{**r, "images": []} for r in sft_records])
     dump("rl.jsonl", [{"id": rid, "images": [rel], "answer": p[2], **stem(p)} for rid, rel, _, p in rl])
     dump("eval.jsonl", [{"id": rid, "images": [rel], "answer": p[2], **stem(p)} for rid, rel, _, p in ev])
+    dump("pretrain.jsonl", [{"id": rid, "images": [rel], **toy_pretrain_record(p, caption=i % 2 == 0)}
+                            for i, (rid, rel, _, p) in enumerate(pre)])
+    dump("sft_raw.jsonl", [{"id": rid, "images": [rel], "answer": p[2], **stem(p)} for rid, rel, _, p in sft])
 
     per_family = {}
     for _, _, family, (_, _, _, o, _, _) in ev:
         per_family.setdefault(family, []).append(toy_chance(family, o))
     chances = [c for cs in per_family.values() for c in cs]
     summary.update({
-        "sft": len(sft), "sft_text_only": len(sft), "rl": len(rl), "eval": len(ev),
+        "sft": len(sft), "sft_text_only": len(sft), "rl": len(rl), "eval": len(ev), "pretrain": len(pre),
         "eval_redrawn": redrawn,
         "chance": round(sum(chances) / len(chances), 6) if chances else 0.0,
         "chance_by_family": {f: round(sum(cs) / len(cs), 6) for f, cs in per_family.items()},
     })
+    if anchored:
+        for name in ("sft_anchored.jsonl", "sft_anchored.jsonl.filtered"):  # synthesize appends: start afresh
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+        teacher = ToyTeacher(p for _, _, _, p in sft)
+        counts = synthesize(os.path.join(out_dir, "sft_raw.jsonl"), os.path.join(out_dir, "sft_anchored.jsonl"), teacher)
+        summary["sft_anchored"] = counts["done"]
     with open(os.path.join(out_dir, "toy_world.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -1229,12 +1292,15 @@ TOY_MODEL = dict(  # a Qwen2.5-VL of a few hundred thousand parameters: every sc
 
 def toy_corpus(toy_dir):
     """The texts a toy tokenizer learns its merges from: the chat template's words, the default
-    system prompt and the questions and responses of the SFT split."""
+    system prompt and the questions and responses of the SFT, pretraining and anchored records."""
     texts = ["system\n", "user\n", "assistant\n", DEFAULT_SYSTEM]
-    with open(os.path.join(toy_dir, "sft.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            texts += [r["question"], r["response"]]
+    for name in ("sft.jsonl", "pretrain.jsonl", "sft_anchored.jsonl"):
+        if not os.path.exists(os.path.join(toy_dir, name)):
+            continue
+        with open(os.path.join(toy_dir, name)) as f:
+            for line in f:
+                r = json.loads(line)
+                texts += [r["question"], r["response"]]
     return texts
 
 
@@ -1259,6 +1325,61 @@ def make_toy_model(out_dir, seed=0, corpus=None):
     assert Tokenizer(out_dir).image_pad_id == cfg.image_token_id
     ImageProcessor(min_pixels=TOY_MODEL["min_pixels"], max_pixels=TOY_MODEL["max_pixels"]).save(out_dir)
     return out_dir
+
+
+# The base model's pretraining: 3000 records x 6 epochs = 1122 steps, LM loss 6.1 -> ~0.24, ~2 minutes on
+# 2 CPU cores. At lr 1e-3 (4 epochs) the loss stalls at ~0.45 and colour questions stay at 30%.
+TOY_PRETRAIN = dict(epochs=6, lr=5e-4, batch_size=16)
+
+
+def pretrain_toy_model(toy_dir, init_dir, out_dir, seed=0, epochs=TOY_PRETRAIN["epochs"], lr=TOY_PRETRAIN["lr"],
+                       batch_size=TOY_PRETRAIN["batch_size"]):
+    """The toy base model: train_sft.py's LM loss (no attention terms) on toy_dir/pretrain.jsonl
+    from the random model in init_dir; the last checkpoint's hub files go to out_dir, with
+    pretrain.json (these settings and the final LM loss). The run itself stays in out_dir + ".run".
+    Like a real base model it reads images before any cold-start, and it grows the attention sink
+    on the system turn that VAS divides by (the README measures it)."""
+    import shutil
+
+    import train_sft
+
+    run_dir = os.path.abspath(out_dir) + ".run"
+    result = train_sft.main(["--data", os.path.join(toy_dir, "pretrain.jsonl"), "--model", init_dir,
+                             "--out", run_dir, "--epochs", str(epochs), "--lr", str(lr),
+                             "--batch-size", str(batch_size), "--micro-batch", "8", "--seed", str(seed),
+                             "--agto-alpha", "0", "--agto-beta", "0", "--save-every", "0", "--num-workers", "0"])
+    ckpt = result["checkpoint"]
+    tmp = os.path.abspath(out_dir) + ".partial"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    for name in os.listdir(ckpt):
+        if name not in ("train_state.pt", "run_config.json"):
+            shutil.copy2(os.path.join(ckpt, name), os.path.join(tmp, name))
+    info = dict(settings=toy_pretrain_settings(toy_dir, seed, epochs, lr, batch_size),
+                final_lm_loss=result["metrics"][-1]["lm_loss"], steps=len(result["metrics"]))
+    with open(os.path.join(tmp, "pretrain.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return info
+
+
+def toy_pretrain_settings(toy_dir, seed, epochs, lr, batch_size):
+    """What a cached base model was made from: the world's summary and the pretraining settings."""
+    with open(os.path.join(toy_dir, "toy_world.json")) as f:
+        world = json.load(f)
+    return dict(world=world, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size)
+
+
+def cached_base(out_dir, settings) -> bool:
+    """True when out_dir holds a base model pretrained with exactly these settings."""
+    try:
+        with open(os.path.join(out_dir, "pretrain.json")) as f:
+            return json.load(f)["settings"] == settings
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -1362,6 +1483,88 @@ class LocalTeacher(Teacher):
             pixel_values, grid = pixel_values.to(device), grid.to(device)
         out, lengths = self.model.generate([ids], pixel_values, grid, **self.kw)
         return self.tok.decode(out[0, :int(lengths[0])])
+
+
+class ToyTeacher(Teacher):
+    """The toy world's teacher for the three synthesis stages: it sees exactly (it is handed the
+    facts of every drawing it may be shown, found by the image's pixels) and writes what the
+    paper's three models write, in the toy's words:
+        describe  a four-part description (global scan, elements, linking, synthesis);
+        reason    from the description alone: the answer, one self-check, <answer>X</answer>;
+        anchor    <think>Looking at the image, ... Let me check the image again: ...</think><answer>X</answer>.
+    It answers from the facts and the question's option lines, never from a stored answer, so
+    `synthesize` grades it like any teacher. A stand-in for a strong VLM: perfect perception."""
+
+    def __init__(self, problems):
+        self.facts = {}
+        for image, *_, facts in problems:
+            self.facts[hashlib.sha1(image.convert("RGB").tobytes()).hexdigest()] = facts
+        self.by_description = {}
+
+    @staticmethod
+    def _options(question):
+        return dict(re.findall(r"(?m)^([A-Z])\. (.+)$", question))
+
+    @staticmethod
+    def _solve(facts, question):
+        """(answer, the step that gives it, the re-check) for what the question asks. The family
+        comes from the question (two families can draw the same pixels), the answer from the
+        drawing."""
+        stem = question.split("\n")[0].strip()
+        family = {"What color is the shape?": "color", "What shape is shown?": "shape",
+                  "How many shapes are there?": "count", "Is the circle on the left or right?": "side",
+                  "Which bar is taller?": "bars"}.get(stem)
+        if family is None:
+            raise TeacherError(f"ToyTeacher: not a toy question: {stem!r}")
+        letter = {v.strip(): k for k, v in ToyTeacher._options(question).items()}
+        if family in ("color", "shape"):
+            s = facts["shapes"][0]
+            if family == "color":
+                return s["color"], f"the shape is {s['color']}", f"the {s['kind']} is {s['color']}"
+            return (letter[s["kind"]], f"it is a {s['kind']}, option {letter[s['kind']]}",
+                    f"the shape is a {s['kind']}")
+        if family == "count":
+            k = len(facts["shapes"])
+            return str(k), f"I count {k}", f"there are {k} separate shapes"
+        if family == "side":
+            side = "left" if facts["shapes"][0]["cx"] < facts["size"] / 2 else "right"
+            return side, f"the circle is in the {side} half", f"the circle is on the {side}"
+        t = facts["taller"]
+        return letter[t], f"the {t} bar is taller, option {letter[t]}", f"the {t} bar reaches higher"
+
+    def _describe(self, facts):
+        size = facts["size"]
+        if "bars" in facts:
+            elements = [f"- a {b['color']} bar on the {b['side']}, {b['bottom'] - b['top'] + 1} px tall"
+                        for b in facts["bars"]]
+            linking = "both bars stand on the same baseline"
+        else:
+            elements = [f"- {_a(s)} in the {_where(s, size)}" for s in facts["shapes"]]
+            linking = (f"{len(elements)} separate shapes, none touching" if len(elements) > 1
+                       else "a single shape")
+        return "\n".join([f"1. Global scan: a {size}x{size} drawing of flat shapes on a white background.",
+                          "2. Element decomposition:", *elements, f"3. Linking: {linking}.",
+                          f"4. Synthesis: {toy_caption(facts)}"])
+
+    def chat(self, messages, images=()):
+        prompt = messages[-1]["content"]
+        question = prompt.rsplit("Question:\n", 1)[-1].split("\n\nReasoning:")[0]
+        if prompt.startswith(DESCRIBE_PROMPT.split("\n")[0]):
+            key = hashlib.sha1(images[0].convert("RGB").tobytes()).hexdigest()
+            if key not in self.facts:
+                raise TeacherError("ToyTeacher: an image it was not given the facts of")
+            text = self._describe(self.facts[key])
+            self.by_description[text] = self.facts[key]
+            return text
+        description = prompt.split("Visual description:\n", 1)[1].split("\n\nQuestion:", 1)[0]
+        facts = self.by_description[description]
+        answer, step, check = self._solve(facts, question)
+        if prompt.startswith(REASON_PROMPT.split("\n")[0]):
+            return (f"The description shows: {toy_caption(facts)} So {step}. Let me re-check against the "
+                    f"description: {check}. The answer holds.\n<answer>{answer}</answer>")
+        seen = toy_caption(facts).rstrip(".")
+        return (f"<think>Looking at the image, I see {seen[0].lower() + seen[1:]}. So {step}. "
+                f"Let me check the image again: {check}.</think><answer>{answer}</answer>")
 
 
 class _Malformed(Exception):
@@ -1752,7 +1955,13 @@ def main(argv=None):
     p.add_argument("--n-eval", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=56, help="a multiple of 28: 56 -> 4 image tokens")
-    p.add_argument("--model-out", default=None, help="also write a fresh tiny model here (default: OUT/model)")
+    p.add_argument("--model-out", default=None, help="the toy base model's folder (default: OUT/model)")
+    p.add_argument("--model-seed", type=int, default=None, help="seed of the model's initialisation and pretraining "
+                                                                "(default: --seed)")
+    p.add_argument("--n-pretrain", type=int, default=None, help="pretraining problems (default: 1.5 * n-train)")
+    p.add_argument("--pretrain-epochs", type=float, default=TOY_PRETRAIN["epochs"])
+    p.add_argument("--pretrain-lr", type=float, default=TOY_PRETRAIN["lr"])
+    p.add_argument("--no-pretrain", action="store_true", help="leave the model randomly initialised (no base model)")
 
     p = sub.add_parser("synth", help="visual-anchored cold-start synthesis with a teacher API")
     p.add_argument("--input", required=True, help="raw problems jsonl")
@@ -1781,9 +1990,21 @@ def main(argv=None):
 
     if args.command == "toy":
         result = write_toy_world(args.out, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed,
-                                 image_size=args.image_size, n_rl=args.n_rl)
-        result["model"] = make_toy_model(args.model_out or os.path.join(args.out, "model"), seed=args.seed,
-                                         corpus=toy_corpus(args.out))
+                                 image_size=args.image_size, n_rl=args.n_rl, n_pretrain=args.n_pretrain)
+        model_dir = args.model_out or os.path.join(args.out, "model")
+        mseed = args.seed if args.model_seed is None else args.model_seed
+        settings = toy_pretrain_settings(args.out, mseed, args.pretrain_epochs, args.pretrain_lr,
+                                         TOY_PRETRAIN["batch_size"])
+        if args.no_pretrain:
+            result["model"] = make_toy_model(model_dir, seed=mseed, corpus=toy_corpus(args.out))
+        elif cached_base(model_dir, settings):
+            log.info("%s: the base model pretrained with these settings is already there (cached)", model_dir)
+            result["model"] = model_dir
+        else:
+            init = make_toy_model(model_dir + ".init", seed=mseed, corpus=toy_corpus(args.out))
+            result["pretrain"] = pretrain_toy_model(args.out, init, model_dir, seed=mseed, epochs=args.pretrain_epochs,
+                                                    lr=args.pretrain_lr)
+            result["model"] = model_dir
     else:
         api_key = None
         if args.api_key_env:

@@ -361,6 +361,9 @@ def build_parser():
     p.add_argument("--lambda-f", type=float, default=0.1, help="weight of r_format; 0 disables it")
     p.add_argument("--vas-layers", default="0-7", help="layers of r_visual, e.g. 0-7 or 0,2,4 (released config: 0-7)")
     p.add_argument("--vas-eps", type=float, default=1e-6, help="eps in the denominator of r_visual")
+    p.add_argument("--visual-form", default="ratio", choices=["ratio", "share"],
+                   help="r_visual per token: V / (S + eps) (the paper's) or V / (V + S + eps), bounded by 1 "
+                        "(see vas.visual_reward)")
     # advantages and loss
     p.add_argument("--adv-scale", default="group", choices=["group", "batch", "none"],
                    help="divide centred rewards by the group's std, the batch's std, or nothing (Dr. GRPO)")
@@ -682,7 +685,14 @@ def compute_rewards(model, ro, args, dctx, pad_id, autocast=contextlib.nullconte
         import vas
         # parsed without a depth bound: visual_reward keeps the layers the model has (0-7 of 4 = 0-3)
         layers = vas.parse_layers([args.vas_layers], 10 ** 9) if args.vas_layers else None
-        vis = visual_rewards(model, ro, acc > 0, dctx, args.micro_batch, layers, args.vas_eps, pad_id, autocast)
+        vis = visual_rewards(model, ro, acc > 0, dctx, args.micro_batch, layers, args.vas_eps, pad_id, autocast,
+                             form=getattr(args, "visual_form", "ratio"))
+        if args.lambda_v * float(vis.max()) > 1.0:
+            # a ratio this large means the response tokens' system-turn mass is near eps: the visual
+            # term then outweighs r_acc = 1 and GRPO optimises attention, not answers
+            print0(f"warning: lambda_v * r_visual reaches {args.lambda_v * float(vis.max()):.3g} > r_acc = 1 "
+                   f"(max r_visual {float(vis.max()):.3g}): the system turn's attention is near its floor; "
+                   f"consider --visual-form share")
     return acc, fmt, vis, total_reward(acc, vis, fmt, args.lambda_v, args.lambda_f)
 
 
@@ -724,7 +734,7 @@ def balanced_chunks(indices, size, dctx):
     return chunks + [None] * (n - len(chunks))
 
 
-def visual_rewards(model, ro, correct, dctx, micro_batch, layers, eps, pad_id, autocast):
+def visual_rewards(model, ro, correct, dctx, micro_batch, layers, eps, pad_id, autocast, form="ratio"):
     """r_visual (N,) for the rows where `correct` (others 0): vas.visual_reward over prompt +
     completion with roles (prompt roles from encode_chat, completion RESPONSE), no grad."""
     import vas
@@ -734,7 +744,7 @@ def visual_rewards(model, ro, correct, dctx, micro_batch, layers, eps, pad_id, a
         b = pack_sequences(ro, chunk if chunk is not None else [0], pad_id, dctx.device)
         with autocast:
             r = vas.visual_reward(model, b["input_ids"], b["attention_mask"], b["roles"], b["pixel_values"],
-                                  b["image_grid_thw"], layers=layers, eps=eps)
+                                  b["image_grid_thw"], layers=layers, eps=eps, form=form)
         if dctx.fsdp:
             # visual_reward stops the forward after its last layer (an exception inside the model):
             # FSDP's per-iteration state must be reset before the next forward.

@@ -87,6 +87,9 @@ parser.add_argument("--agto-alpha", type=float, default=0.15, help="weight of L_
 parser.add_argument("--agto-beta", type=float, default=0.15, help="weight of L_suppress")
 parser.add_argument("--agto-layers", default=None, help="layers of the objective, e.g. 0-7 or 0,4,8 (default: all)")
 parser.add_argument("--agto-eps", type=float, default=1e-6, help="eps inside the suppress log")
+parser.add_argument("--agto-sys-floor", type=float, default=0.0,
+                    help="hinge of L_suppress: no push once the system turn's share of the user turn's attention "
+                         "is below this (0: the paper's formula; see vas.AttentionGuidedLoss)")
 parser.add_argument("--agto-chunk", type=int, default=None, help="query rows per attention chunk (default: ~16M probabilities)")
 parser.add_argument("--ce-chunk", type=int, default=2048, help="response tokens per logits chunk of the LM loss")
 # optimisation
@@ -248,7 +251,8 @@ def forward_backward(model, mbs, alpha: float, beta: float, ctl_factory, ce_chun
     n_tok, n_img, n_all = all_reduce_sum(local, use_fsdp).tolist()
     if n_tok == 0:  # every process sees the same sums, so all of them stop here
         raise DataError("no trained token in this step: all of its records failed to load")
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # lm, enhance, suppress, vas, vas samples
+    # lm, enhance, suppress, vas, vas samples, system share, cells at the floor (both summed over image samples)
+    sums = torch.zeros(7, dtype=torch.float64, device=device)
     for j, mb in enumerate(mbs):
         if use_fsdp:  # reduce-scatter gradients only after the last micro-batch
             model.set_requires_gradient_sync(j == len(mbs) - 1)
@@ -267,15 +271,18 @@ def forward_backward(model, mbs, alpha: float, beta: float, ctl_factory, ce_chun
                 loss = loss + (alpha * t.enhance_sum + beta * t.suppress_sum) / max(n_img, 1)
                 sums[1:] += torch.stack([t.enhance_sum.detach().double(), t.suppress_sum.detach().double(),
                                          torch.tensor(t.vas_sum, dtype=torch.float64, device=device),
-                                         torch.tensor(float(t.vas_n), dtype=torch.float64, device=device)])
+                                         torch.tensor(float(t.vas_n), dtype=torch.float64, device=device),
+                                         torch.tensor(t.sys_share_sum, dtype=torch.float64, device=device),
+                                         torch.tensor(t.floor_n, dtype=torch.float64, device=device)])
         # FSDP averages gradients over processes; the loss is already the global mean: undo the average
         (loss * world if use_fsdp else loss).backward()
         sums[0] += lm_sum.detach().double()
-    lm, enh, sup, vas_sum, vas_n = all_reduce_sum(sums, use_fsdp).tolist()
+    lm, enh, sup, vas_sum, vas_n, share, floor_n = all_reduce_sum(sums, use_fsdp).tolist()
     lm_loss, enhance, suppress = lm / n_tok, enh / max(n_img, 1), sup / max(n_img, 1)
     return dict(loss=lm_loss + alpha * enhance + beta * suppress, lm_loss=lm_loss, enhance=enhance,
                 suppress=suppress, vas=vas_sum / vas_n if vas_n else None, n_tok=int(n_tok), n_img=int(n_img),
-                n_all=int(n_all))
+                n_all=int(n_all), sys_share=share / n_img if ctl_factory is not None and n_img else None,
+                at_floor=floor_n / n_img if ctl_factory is not None and n_img else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,6 +573,7 @@ def train(args, rank, world, device, use_fsdp):
     pbar = tqdm(total=total_steps, initial=start, disable=rank != 0, dynamic_ncols=True, desc="sft")
     try:
         history, skipped = [], 0  # skipped: records that failed to load, this process's run
+        floor_warned = -10 ** 9  # the step of the last warning that the system mass sits at its floor
         step = start
         loader, epoch = None, -1
         while step < total_steps:
@@ -599,8 +607,8 @@ def train(args, rank, world, device, use_fsdp):
             mult = lr_multiplier(step, total_steps, warmup, args.min_lr_ratio)
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * mult
-            ctl_factory = (partial(vas.AttentionGuidedLoss, layers=layers, chunk_size=args.agto_chunk, eps=args.agto_eps)
-                           if use_ctl else None)
+            ctl_factory = (partial(vas.AttentionGuidedLoss, layers=layers, chunk_size=args.agto_chunk, eps=args.agto_eps,
+                                   sys_floor=args.agto_sys_floor) if use_ctl else None)
             r = forward_backward(model, mbs, args.agto_alpha, args.agto_beta, ctl_factory, args.ce_chunk, device,
                                  autocast, use_fsdp)
             lm_loss, enhance, suppress, n_tok, n_img, n_all = (r[k] for k in ("lm_loss", "enhance", "suppress", "n_tok",
@@ -623,16 +631,26 @@ def train(args, rank, world, device, use_fsdp):
             dt = time.time() - t0
             row = dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=total, lm_loss=lm_loss,
                        enhance=enhance if use_ctl else None, suppress=suppress if use_ctl else None,
-                       vas=r["vas"], grad_norm=grad_norm,
+                       vas=r["vas"], sys_share=r["sys_share"], at_floor=r["at_floor"], grad_norm=grad_norm,
                        lr=args.lr * mult, tokens_per_s=n_all / dt, n_tokens=int(n_tok), n_all_tokens=int(n_all),
                        n_image_samples=int(n_img), skipped=n_bad)
             history.append(row)
+            if rank == 0 and r["at_floor"] is not None and r["at_floor"] > 0.5 and floor_warned < step - 50:
+                floor_warned = step  # at most one warning per 50 steps
+                what = (f"--agto-sys-floor {args.agto_sys_floor}: L_suppress no longer pushes there"
+                        if args.agto_sys_floor > 0 else
+                        f"the eps floor ({args.agto_eps:g}): the system turn has lost its attention, VAS reads "
+                        f"{r['vas']:.3g} and no longer measures anything; consider --agto-sys-floor")
+                tqdm.write(f"warning: step {step}: in {100 * r['at_floor']:.0f}% of the (sample, layer, head) cells "
+                           f"the system turn's share of the user turn's attention (mean {r['sys_share']:.2e}) sits "
+                           f"at {what}")
             if rank == 0:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 # the LM loss first: the objective's terms are logs of attention masses (the
                 # suppress term is negative), so the total alone does not show learning
-                terms = dict(enhance=f"{enhance:.3f}", suppress=f"{suppress:.2f}") if use_ctl else {}
+                terms = (dict(enhance=f"{enhance:.3f}", suppress=f"{suppress:.2f}", sys=f"{r['sys_share']:.3f}")
+                         if use_ctl and r["sys_share"] is not None else {})
                 pbar.set_postfix(lm_loss=f"{lm_loss:.4f}", **terms, lr=f"{row['lr']:.2e}",
                                  tok_s=f"{row['tokens_per_s']:.0f}", **({"skipped": skipped} if skipped else {}))
                 pbar.update(1)

@@ -394,6 +394,8 @@ class GuidedTerms:
     n_image: int  # samples with image tokens (the only ones contributing)
     vas_sum: float  # detached VAS (1) summed over the counted samples, for logging
     vas_n: int
+    sys_share_sum: float = 0.0  # detached system share (1/|Q|) sum_q sum_{k in S} A, mean over l, h; summed over image samples
+    floor_n: float = 0.0  # (sample, layer, head) cells at the floor, summed over image samples as a fraction of L * H
 
     @property
     def enhance(self):
@@ -416,11 +418,28 @@ class AttentionGuidedLoss(AttentionStats):
     suppress term only (as the formula). Per sample, then the mean over samples with image tokens;
     samples without image tokens contribute nothing. A sample with image tokens but no system turn
     has nothing to suppress: its suppress term is 0. Works with model.set_gradient_checkpointing.
+
+    sys_floor (default 0: the paper's formula) is a hinge on the suppressed mass. With
+    s = (1/|Q|) sum_q sum_{k in S} A_qk, the share of the user turn's attention on the system turn
+    in one layer and head, the suppress term becomes
+
+        log( max(s, sys_floor) / |S| + eps )
+
+    equal to the paper's while s >= sys_floor and constant (no gradient) below it. Why: L_suppress
+    = log(s/|S| + eps) has gradient 1 / (s + eps |S|) in s, so the push grows as s falls, and on
+    its own the term drives s to its eps floor (s ~ |S| eps), where VAS = V/S reads 1e6-1e11 and
+    measures nothing. On Qwen2.5-VL-7B the system turn is a strong sink and the paper reports VAS
+    7.5 -> 13.8 with the objective: s falls by a factor ~2 and stays orders of magnitude above
+    |S| eps (~2e-5). A floor at a fraction of the base model's s keeps a small model in that
+    regime. `terms()` reports the share and how much of it sits at the floor (eps or sys_floor).
     """
 
-    def __init__(self, roles, layers=None, chunk_size: int | None = None, eps: float = 1e-6, intervention=None):
+    def __init__(self, roles, layers=None, chunk_size: int | None = None, eps: float = 1e-6, intervention=None,
+                 sys_floor: float = 0.0):
         super().__init__(roles, query_mask(roles, "user"), layers, chunk_size, grad=True, intervention=intervention)
-        self.eps = eps
+        if not 0.0 <= sys_floor < 1.0:
+            raise ValueError(f"sys_floor must be in [0, 1), got {sys_floor}")
+        self.eps, self.sys_floor = eps, sys_floor
 
     def terms(self) -> GuidedTerms:
         m, layers = self.stacked(self.layers)  # (B, L, H, N, 4), differentiable
@@ -435,14 +454,24 @@ class AttentionGuidedLoss(AttentionStats):
         # torch.where before the log: a sample without image tokens never takes log(0) (nor its grad)
         one = torch.ones_like(mean_v)
         enhance = -torch.log(torch.where(has_img[:, None, None], mean_v, one)).mean((1, 2))  # (B,)
+        floor = (self.sys_floor / ns.clamp(min=1))[:, None, None]  # the floor of mean_s (B, 1, 1)
+        if self.sys_floor > 0:
+            mean_s = torch.maximum(mean_s, floor)  # the hinge: no gradient below the floor
         suppress = torch.log(mean_s + self.eps).mean((1, 2))
         suppress = torch.where(has_sys, suppress, torch.zeros_like(suppress))
         w = has_img.to(m.dtype)
         v = vas(self, layers=layers)
+        share = (total[..., SYSTEM] / nq.clamp(min=1)[:, None, None]).detach()  # s per (B, L, H)
+        # at the floor: within 1% of sys_floor (the hinge holds it there), or below 10 |S| eps (the
+        # eps floor of the paper's formula: the system turn has lost all its attention)
+        low = torch.maximum(torch.full_like(share, 1.01 * self.sys_floor), 10 * self.eps * ns[:, None, None])
+        at_floor = (share <= low).float().mean((1, 2))
+        sel = has_img & has_sys
         return GuidedTerms(enhance_sum=(enhance * w).sum(), suppress_sum=(suppress * w).sum(),
                            n_image=int(has_img.sum()),
                            vas_sum=float(v.per_sample[v.counted].sum()) if v.counted.any() else 0.0,
-                           vas_n=int(v.counted.sum()))
+                           vas_n=int(v.counted.sum()),
+                           sys_share_sum=float(share.mean((1, 2))[sel].sum()), floor_n=float(at_floor[sel].sum()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,11 +481,16 @@ class AttentionGuidedLoss(AttentionStats):
 
 @torch.no_grad()
 def visual_reward(model, input_ids, attention_mask, roles, pixel_values=None, image_grid_thw=None,
-                  layers=None, eps: float = 1e-6, chunk_size: int | None = None):
+                  layers=None, eps: float = 1e-6, chunk_size: int | None = None, form: str = "ratio"):
     """r_visual (4c) of each sequence (prompt + sampled response), (B,) float32, no grad.
 
     Over the RESPONSE rows t: A^l = head-mean attention of layer l; per token the ratio
-    sum_V A^l / (sum_S A^l + eps), then the mean over layers and tokens. layers: default 0-7,
+    sum_V A^l / (sum_S A^l + eps), then the mean over layers and tokens.
+    form="ratio" is that formula (the paper's); form="share" takes per token and layer
+    v / (v + s + eps) with v = sum_V A^l, s = sum_S A^l instead: the same order (share =
+    ratio / (1 + ratio) for eps = 0, so ~ the ratio while it is small), but bounded by 1, so
+    lambda_v * r_visual can never outweigh r_acc = 1 however far the system mass falls (the ratio
+    is unbounded: at s ~ 0 it reads v / eps ~ 1e4-1e6). layers: default 0-7,
     clipped to the model's depth; the forward stops after the last of them (not under FSDP, where
     every rank runs the whole forward; call it on all ranks alike). Rows without response
     or image tokens give 0. The correctness gate (r_visual = 0 for a wrong answer) is the
@@ -472,7 +506,12 @@ def visual_reward(model, input_ids, attention_mask, roles, pixel_values=None, im
                             image_grid_thw=image_grid_thw), stats)
     m, _ = stats.stacked()
     a = m.mean(2)  # head-mean: (B, L, N, 4)
-    ratio = a[..., IMAGE] / (a[..., SYSTEM] + eps)  # (B, L, N)
+    if form == "ratio":
+        ratio = a[..., IMAGE] / (a[..., SYSTEM] + eps)  # (B, L, N)
+    elif form == "share":
+        ratio = a[..., IMAGE] / (a[..., IMAGE] + a[..., SYSTEM] + eps)
+    else:
+        raise ValueError(f"visual_reward: form must be 'ratio' or 'share', got {form!r}")
     valid = stats.valid.to(m.device)
     per_token = torch.where(valid[:, None, :], ratio, torch.zeros_like(ratio)).mean(1)  # mean over layers
     nt = valid.sum(1)
@@ -502,19 +541,45 @@ def image_heatmaps(stats: AttentionStats, image_grid_thw, merge: int = 2, row: i
     return maps
 
 
-def overlay(image, heat, alpha: float = 0.5):
-    """The heatmap (h, w), min-max normalised, upsampled to the image's size and blended over it."""
+def ramp(x):
+    """The colour scale of the heatmaps: black -> red -> yellow -> white for x in [0, 1] (array)."""
     import numpy as np
-    from PIL import Image
+
+    return np.stack([np.clip(3 * x, 0, 1), np.clip(3 * x - 1, 0, 1), np.clip(3 * x - 2, 0, 1)], -1)
+
+
+def heatmap_figure(image, heat, size: int = 336, title: str = ""):
+    """A figure a person can read: the image, the attention map on its own (one block per merged
+    token, nearest upsampling: no invented detail), the map over the image, and the colour scale
+    from 0 to the largest value (attention per image token, mean over layers, heads and queries)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
 
     h = heat.float()
-    h = (h - h.min()) / (h.max() - h.min()).clamp(min=1e-12)
-    small = Image.fromarray((h.numpy() * 255).round().astype(np.uint8), mode="L")
-    big = np.asarray(small.resize(image.size, resample=Image.BILINEAR)).astype(np.float32) / 255
-    # a black -> red -> yellow -> white ramp
-    rgb = np.stack([np.clip(3 * big, 0, 1), np.clip(3 * big - 1, 0, 1), np.clip(3 * big - 2, 0, 1)], -1)
-    colour = Image.fromarray((rgb * 255).round().astype(np.uint8), mode="RGB")
-    return Image.blend(image.convert("RGB"), colour, alpha)
+    lo, hi = 0.0, float(h.max())  # from 0: a flat map looks flat, not stretched to the full ramp
+    norm = ((h - lo) / max(hi - lo, 1e-12)).numpy()
+    pic = image.convert("RGB").resize((size, size), Image.NEAREST)
+    blocks = Image.fromarray((ramp(norm) * 255).round().astype(np.uint8), "RGB").resize((size, size), Image.NEAREST)
+    over = Image.blend(pic, blocks, 0.55)
+    pad, bar_w, top = 12, 24, 28 if title else 8
+    fig = Image.new("RGB", (3 * size + 4 * pad + bar_w + 90, size + top + 30), "white")
+    d = ImageDraw.Draw(fig)
+    if title:
+        d.text((pad, 8), title, fill="black")
+    for i, (panel, name) in enumerate(((pic, "image"), (blocks, "attention per image token"), (over, "overlay"))):
+        x = pad + i * (size + pad)
+        fig.paste(panel, (x, top))
+        d.rectangle((x - 1, top - 1, x + size, top + size), outline=(160, 160, 160))
+        d.text((x, top + size + 8), name, fill="black")
+    x = pad + 3 * (size + pad)
+    col = np.linspace(1, 0, size)[:, None].repeat(bar_w, 1)
+    fig.paste(Image.fromarray((ramp(col) * 255).round().astype(np.uint8), "RGB"), (x, top))
+    d.rectangle((x, top, x + bar_w - 1, top + size - 1), outline="black")
+    for frac in (0.0, 0.5, 1.0):
+        y = top + round((1 - frac) * (size - 1))
+        d.line((x + bar_w, y, x + bar_w + 4, y), fill="black")
+        d.text((x + bar_w + 7, y - 5), f"{lo + frac * (hi - lo):.3g}", fill="black")
+    return fig
 
 
 def parse_layers(specs, n_layers: int):
@@ -547,6 +612,7 @@ def main(argv=None):
     p.add_argument("--a-img", type=float, default=0.0, help="intervention on image-key logits (paper: 0.15)")
     p.add_argument("--a-sys", type=float, default=0.0, help="intervention on system-key logits")
     p.add_argument("--out", default="heatmap.png")
+    p.add_argument("--size", type=int, default=336, help="side of each panel of the figure, in pixels")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-pixels", type=int, default=None)
@@ -588,9 +654,10 @@ def main(argv=None):
     for i, l in enumerate(res.layers):
         print(f"{l:5d} {res.per_layer[i]:8.4f}  " + "  ".join(f"{float(x):14.4f}" for x in mean_mass[i]))
     heat = image_heatmaps(res.stats, grid, merge)[0]
-    overlay(image, heat).save(args.out)
-    print(f"heatmap ({heat.shape[0]}x{heat.shape[1]} merged tokens) over the {image.size[0]}x{image.size[1]} "
-          f"image -> {args.out}")
+    title = f"{args.question.splitlines()[0]}   VAS {res.vas:.3g} ({res.band} view)"
+    heatmap_figure(image, heat, args.size, title).save(args.out)
+    print(f"heatmap ({heat.shape[0]}x{heat.shape[1]} merged tokens) of the {image.size[0]}x{image.size[1]} "
+          f"image, panels of {args.size} px -> {args.out}")
     return res
 
 

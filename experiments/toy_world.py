@@ -1,106 +1,498 @@
-"""The paper's comparison on the toy world, end to end on a CPU.
+"""The paper's pipeline on the toy world, arm by arm, over seeds, on a CPU.
 
-    python experiments/toy_world.py [--toy toy --out runs/exp --epochs 8]
+    python experiments/toy_world.py [--toy toy --out runs/toy_world --seeds 0 1 2]
 
-Trains four cold-start models from the same random initialisation (toy/model), with the README
-main job's settings (lr 5e-4, 8 epochs, batch 16):
-    plain SFT                   LM loss only
-    AVAR objective              LM loss + alpha * L_enhance + beta * L_suppress, alpha = beta = 0.02
-                                (the README main job: the toy's weights, see the README)
-    AVAR objective, paper weights   the same with alpha = beta = 0.15 (train_sft.py's defaults)
-    text-only SFT               LM loss on the same reasoning chains without images
-evaluates each on the held-out toy problems (accuracy overall and per family, and VAS), sweeps the
-training-free intervention (a_img, a_sys) on the plain SFT model, correlates VAS with accuracy
-across all of these result files, and writes one markdown table to OUT/results.md. Every step is
-one of the project's commands, printed before it runs, so each row can be reproduced by hand.
+For every seed s, from the toy base model of that seed (`python data.py toy --model-seed s`:
+a random tiny Qwen2.5-VL pretrained on captions and direct answers of the same renderer, so it
+reads images and has an attention sink on the system turn before any cold-start):
+
+    base              the pretrained model, evaluated as it is
+    sft_multimodal    cold-start SFT, LM loss, on toy/sft.jsonl (image + short reasoning)
+    sft_text_only     the same chains without their images (toy/sft_text_only.jsonl)
+    sft_avar          LM loss + alpha L_enhance + beta L_suppress (alpha = beta = 0.15, the paper's)
+                      on the visual-anchored records of the synthesis path (toy/sft_anchored.jsonl:
+                      data.synthesize with data.ToyTeacher), with the hinge --agto-sys-floor
+    grpo_plain        GRPO from sft_multimodal, r = r_acc + 0.1 r_format
+    grpo_visual       GRPO from sft_avar, r = r_acc + 0.3 r_visual + 0.1 r_format, r_visual in its
+                      bounded form (--visual-form share)
+and three ablations that measure the other choices:
+    sft_anchored      the anchored records with the LM loss only (the data synthesis alone)
+    sft_avar_paper    sft_avar without the hinge (the paper's formula, sys floor 0)
+    grpo_visual_ratio grpo_visual with the paper's unbounded r_visual (--visual-form ratio)
+
+Each checkpoint is evaluated on the held-out problems (greedy; accuracy overall and per family,
+VAS); the intervention (a_img, a_sys) is swept on every sft_multimodal checkpoint; a linear probe
+asks whether the vision features carry shape, side and the taller bar; VAS is correlated with
+accuracy over the checkpoints. Every training and evaluation is one of the project's commands,
+printed before it runs. Outputs:
+    experiments/results/toy_world.json     arms.<name>.runs[] and .summary (mean, 95% t-interval)
+    experiments/results/vas_vs_accuracy.png, heatmap_base.png, heatmap_sft_avar.png
+    README.md                              the toy-world section between its markers, from the JSON
+The commands run with one thread each (OMP_NUM_THREADS=1, --num-workers 0): on a shared 2-core
+machine that is faster than two threads fighting over the cores.
 """
 
 import argparse
-import glob
 import json
+import math
 import os
+import shlex
+import shutil
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MAIN_ARMS = ["base", "sft_multimodal", "sft_text_only", "sft_avar", "grpo_plain", "grpo_visual"]
+ABLATIONS = ["sft_anchored", "sft_avar_paper", "grpo_visual_ratio"]
+RESULTS = os.path.join(ROOT, "experiments", "results")
+README_BEGIN, README_END = "<!-- toy-world results: begin -->", "<!-- toy-world results: end -->"
 
 
-def run(cmd):
+def run(cmd, log=None):
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    with open(log, "w") if log else open(os.devnull, "w") as f:
+        subprocess.run(cmd, check=True, env=env, stdout=f, stderr=subprocess.STDOUT)
 
+
+# ---- statistics ------------------------------------------------------------------------------
+
+def t_quantile(df, level=0.95):
+    """The two-sided Student t quantile: t with P(|T| > t) = 1 - level, by bisection on
+    P(|T| > t) = I_{df / (df + t^2)}(df / 2, 1 / 2) (evaluate._betainc, the p value of pearson_p)."""
+    from evaluate import _betainc
+
+    lo, hi = 0.0, 1e3
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if _betainc(df / 2, 0.5, df / (df + mid * mid)) > 1 - level:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def mean_ci(values, level=0.95):
+    """Mean and its t-interval over seeds: mean +- t_{df = n - 1} * sd / sqrt(n)."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(v)]
+    n = len(xs)
+    if n == 0:
+        return {"mean": None, "ci_low": None, "ci_high": None, "n": 0}
+    m = sum(xs) / n
+    if n == 1:
+        return {"mean": m, "ci_low": None, "ci_high": None, "n": 1}
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    half = t_quantile(n - 1, level) * sd / math.sqrt(n)
+    return {"mean": m, "ci_low": m - half, "ci_high": m + half, "n": n}
+
+
+# ---- evaluation results -------------------------------------------------------------------
+
+def per_family(pred_path, families):
+    """Accuracy (%) per family from a predictions file (write_toy_world assigns families round robin)."""
+    right, total = [0] * len(families), [0] * len(families)
+    with open(pred_path) as f:
+        for line in f:
+            p = json.loads(line)
+            fam = int(p["id"].rsplit("-", 1)[1]) % len(families)
+            right[fam] += bool(p["correct"])
+            total[fam] += 1
+    return {fam: 100.0 * r / max(n, 1) for fam, r, n in zip(families, right, total)}
+
+
+def read_eval(folder, families):
+    """The rows of evaluate.py's summary.json: {setting: {accuracy, vas, per_family, predictions}}."""
+    with open(os.path.join(folder, "summary.json")) as f:
+        rows = json.load(f)["rows"]
+    return {r["setting"]: {"accuracy": r["accuracy"], "vas": r.get("mean_vas"),
+                           "per_family": per_family(r["predictions"], families), "predictions": r["predictions"]}
+            for r in rows}
+
+
+# ---- the linear probe (issue: are shape, side and the taller bar in the vision features?) ---------
+
+def probe(model_dirs, n_train=600, n_test=300, seed=0, steps=300):
+    """Logistic regression on the vision features (the merged tokens the LM receives) of fresh toy
+    problems: for each property, test accuracy with the tokens concatenated (token i = image cell
+    i: a place is known by which token carries the shape) and mean-pooled (the place must be in the
+    features themselves; the LM sees the tokens through attention, which is a weighted mean, with
+    their M-RoPE positions). Chance: shape 1/3, side 1/2, taller 1/2, colour 1/5, count 1/4."""
+    import random
+
+    import torch
+
+    import data
+    from model import from_pretrained
+
+    props = {"color": ("color", lambda f: list(data.TOY_COLORS).index(f["shapes"][0]["color"])),
+             "shape": ("shape", lambda f: data.TOY_SHAPES.index(f["shapes"][0]["kind"])),
+             "count": ("count", lambda f: f["count"] - 1),
+             "side": ("side", lambda f: int(f["side"] == "right")),
+             "bars": ("bars", lambda f: int(f["taller"] == "right"))}
+    out = {}
+    for name, path in model_dirs.items():
+        model = from_pretrained(path, dtype=torch.float32, device="cpu").eval()
+        proc = data.ImageProcessor.from_pretrained(path)
+        out[name] = {}
+        for prop, (family, label) in props.items():
+            images, ys = [], []
+            for i in range(n_train + n_test):
+                img, *_, facts = data.make_toy_problem(random.Random(f"probe/{seed}/{family}/{i}"), family)
+                images.append(img)
+                ys.append(label(facts))
+            pv, grid = proc(images)
+            with torch.no_grad():
+                feats = model.visual(pv, grid)  # (n_images * tokens, D), image by image
+            feats = feats.view(len(images), -1, feats.shape[-1])
+            y = torch.tensor(ys)
+            res = {}
+            for kind, x in (("concat", feats.flatten(1)), ("mean", feats.mean(1))):
+                x = (x - x[:n_train].mean(0)) / x[:n_train].std(0).clamp(min=1e-6)
+                torch.manual_seed(seed)
+                lin = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
+                opt = torch.optim.Adam(lin.parameters(), lr=0.05, weight_decay=1e-3)
+                for _ in range(steps):
+                    opt.zero_grad()
+                    torch.nn.functional.cross_entropy(lin(x[:n_train]), y[:n_train]).backward()
+                    opt.step()
+                with torch.no_grad():
+                    res[kind] = 100.0 * float((lin(x[n_train:]).argmax(1) == y[n_train:]).float().mean())
+            out[name][prop] = res
+    return out
+
+
+def system_share(model_dir, toy, n=64):
+    """Mean share of the user turn's attention that goes to the system turn (over layers, heads,
+    query tokens and n held-out prompts): the quantity the hinge --agto-sys-floor bounds."""
+    import torch
+
+    import data
+    import evaluate
+    import vas
+    from model import from_pretrained
+
+    model = from_pretrained(model_dir, dtype=torch.float32, device="cpu").eval()
+    tok, proc = data.Tokenizer(model_dir), data.ImageProcessor.from_pretrained(model_dir)
+    recs = [json.loads(l) for l in open(os.path.join(toy, "eval.jsonl"))][:n]
+    shares = []
+    for r in recs:
+        image = data.load_image(os.path.join(toy, r["images"][0]))
+        pv, grid = proc([image])
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": evaluate.build_prompt(r)}]}]
+        enc = data.encode_chat(tok, msgs, image_tokens=[int(grid[0].prod()) // 4], add_generation_prompt=True)
+        ids, roles = enc["input_ids"][None], enc["roles"][None]
+        res = vas.measure_vas(model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), roles=roles,
+                                          pixel_values=pv, image_grid_thw=grid))
+        m, _ = res.stats.stacked()  # (1, L, H, N, 4)
+        valid = res.stats.valid[0]
+        shares.append(float(m[0, :, :, valid, data.SYSTEM].mean()))
+    return sum(shares) / len(shares)
+
+
+# ---- pictures (pillow only) -----------------------------------------------------------------
+
+ARM_COLOURS = {"base": (40, 40, 40), "sft_multimodal": (31, 119, 180), "sft_text_only": (255, 127, 14),
+               "sft_avar": (44, 160, 44), "grpo_plain": (148, 103, 189), "grpo_visual": (214, 39, 40),
+               "sft_anchored": (140, 86, 75), "sft_avar_paper": (227, 119, 194), "grpo_visual_ratio": (127, 127, 127)}
+
+
+def nice_ticks(lo, hi, n=5):
+    span = hi - lo if hi > lo else 1.0
+    step = 10 ** math.floor(math.log10(span / n))
+    for m in (1, 2, 5, 10):
+        if span / (m * step) <= n:
+            step *= m
+            break
+    start = math.floor(lo / step) * step
+    return [start + i * step for i in range(int((hi - start) / step) + 2) if start + i * step <= hi + 1e-9]
+
+
+def scatter_png(points, path, title, corr):
+    """VAS (x) against accuracy (y), one dot per checkpoint, coloured by arm; a legend and axes."""
+    from PIL import Image, ImageDraw
+
+    W, H, L, R, T, B = 900, 560, 70, 230, 40, 60
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    x0, x1 = min(xs), max(xs)
+    pad = 0.05 * (x1 - x0 or 1)
+    x0, x1 = x0 - pad, x1 + pad
+    y0, y1 = 0.0, 100.0
+
+    def px(x, y):
+        return L + (x - x0) / (x1 - x0) * (W - L - R), H - B - (y - y0) / (y1 - y0) * (H - T - B)
+
+    d.rectangle((L, T, W - R, H - B), outline="black")
+    for t in nice_ticks(x0, x1):
+        if x0 <= t <= x1:
+            x, _ = px(t, 0)
+            d.line((x, H - B, x, H - B + 5), fill="black")
+            d.text((x - 12, H - B + 8), f"{t:.3g}", fill="black")
+    for t in range(0, 101, 20):
+        _, y = px(x0, t)
+        d.line((L - 5, y, L, y), fill="black")
+        d.line((L, y, W - R, y), fill=(230, 230, 230))
+        d.text((L - 30, y - 6), f"{t}", fill="black")
+    d.text(((L + W - R) // 2 - 100, H - 28), "VAS (held-out prompts, all layers and heads)", fill="black")
+    d.text((8, T - 28), "accuracy %", fill="black")
+    d.text((L + 90, 10), title, fill="black")
+    for arm, x, y in points:
+        cx, cy = px(x, y)
+        d.ellipse((cx - 5, cy - 5, cx + 5, cy + 5), fill=ARM_COLOURS.get(arm, (0, 0, 0)), outline="black")
+    arms = [a for a in ARM_COLOURS if any(p[0] == a for p in points)]
+    for i, arm in enumerate(arms):
+        y = T + 10 + 22 * i
+        d.ellipse((W - R + 15, y, W - R + 25, y + 10), fill=ARM_COLOURS[arm], outline="black")
+        d.text((W - R + 32, y - 1), arm, fill="black")
+    d.text((W - R + 15, T + 20 + 22 * len(arms)), f"Pearson r = {corr['r']:.3f}" if corr["r"] is not None else "r: -",
+           fill="black")
+    d.text((W - R + 15, T + 36 + 22 * len(arms)), f"p = {corr['p']:.2g}, n = {corr['n']}" if corr["p"] is not None
+           else "", fill="black")
+    img.save(path)
+
+
+# ---- the README section ---------------------------------------------------------------------
+
+def fmt_ci(s, digits=1):
+    if s["mean"] is None:
+        return "-"
+    if s["ci_low"] is None:
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} [{s['ci_low']:.{digits}f}, {s['ci_high']:.{digits}f}]"
+
+
+def fmt_vas(s):
+    if s["mean"] is None:
+        return "-"
+    d = 3 if abs(s["mean"]) < 10 else 1
+    if abs(s["mean"]) >= 1e4:
+        lo = "" if s["ci_low"] is None else f" [{s['ci_low']:.3g}, {s['ci_high']:.3g}]"
+        return f"{s['mean']:.3g}{lo}"
+    return fmt_ci(s, d)
+
+
+def readme_section(res):
+    """The README's toy-world tables, from toy_world.json alone."""
+    fams = res["families"]
+    lines = [README_BEGIN, "",
+             f"Measured by `python experiments/toy_world.py` ({res['minutes']:.0f} minutes on this shared 2-core "
+             f"machine; seeds {', '.join(map(str, res['seeds']))}; {res['n_eval']} held-out problems; "
+             "mean over seeds with its 95% t-interval in brackets; accuracy in %; chance "
+             f"{res['chance']:.1f}%: " + ", ".join(f"{k} {v:.0f}%" for k, v in res["chance_by_family"].items())
+             + "). Written from `experiments/results/toy_world.json`.", "",
+             "| arm | accuracy | " + " | ".join(fams) + " | VAS |",
+             "|---|---|" + "---|" * len(fams) + "---|"]
+    for name in MAIN_ARMS + ABLATIONS:
+        if name not in res["arms"]:
+            continue
+        a = res["arms"][name]
+        s = a["summary"]
+        fam = " | ".join(f"{s['per_family'][f]['mean']:.0f}" for f in fams)
+        label = name if name in MAIN_ARMS else f"*{name}* (ablation)"
+        lines.append(f"| {label} | {fmt_ci(s['accuracy'])} | {fam} | {fmt_vas(s['vas'])} |")
+    c = res["correlation"]
+    lines += ["", f"VAS against accuracy over the {c['n']} checkpoints of the six arms: Pearson r = "
+              f"{c['r']:.3f} (p = {c['p']:.2g}); with the ablations ({res['correlation_all']['n']} checkpoints): "
+              f"r = {res['correlation_all']['r']:.3f} (p = {res['correlation_all']['p']:.2g})."
+              if c["r"] is not None else "", ""]
+    sw = res["intervention"]
+    lines += ["Training-free intervention on the sft_multimodal checkpoints (accuracy change in points against "
+              "a_img = a_sys = 0, mean over seeds [95% interval]):", "",
+              "| a_img | a_sys | accuracy | change | VAS |", "|---|---|---|---|---|"]
+    for row in sw:
+        lines.append(f"| {row['a_img']} | {row['a_sys']} | {fmt_ci(row['accuracy'])} | {fmt_ci(row['delta'])} | "
+                     f"{fmt_vas(row['vas'])} |")
+    lines += ["", "Linear probe on the vision features (test accuracy %, "
+              f"{res['probe']['n_train']} training and {res['probe']['n_test']} test images per property; "
+              "concat: the merged tokens side by side, mean: averaged over tokens):", "",
+              "| model | " + " | ".join(f"{p} concat | {p} mean" for p in res["probe"]["models"][next(iter(res["probe"]["models"]))]) + " |",
+              "|---|" + "---|---|" * len(res["probe"]["models"][next(iter(res["probe"]["models"]))])]
+    for model, props in res["probe"]["models"].items():
+        lines.append(f"| {model} | " + " | ".join(f"{v['concat']:.0f} | {v['mean']:.0f}" for v in props.values()) + " |")
+    b = res["bounded"]
+    lines += ["", f"System share of the user turn's attention (base models, mean over seeds): "
+              f"{b['base_sys_share']['mean']:.3f}; the hinge holds it at >= {b['sys_floor']} in sft_avar. "
+              f"Fraction of (sample, layer, head) cells at the floor over the last 20 training steps: sft_avar "
+              f"{b['at_floor']['sft_avar']['mean']:.2f}, sft_avar_paper {b['at_floor']['sft_avar_paper']['mean']:.2f}; "
+              f"system share there: sft_avar {b['final_sys_share']['sft_avar']['mean']:.2e}, sft_avar_paper "
+              f"{b['final_sys_share']['sft_avar_paper']['mean']:.2e}. Largest lambda_v * r_visual in GRPO: "
+              f"grpo_visual (share) {b['max_weighted_visual']['grpo_visual']['mean']:.3g}, grpo_visual_ratio "
+              f"(the paper's ratio) {b['max_weighted_visual']['grpo_visual_ratio']['mean']:.3g}.", "",
+              "![VAS against accuracy](experiments/results/vas_vs_accuracy.png)", "",
+              "![attention on the image, base model](experiments/results/heatmap_base.png)", "",
+              "![attention on the image, sft_avar](experiments/results/heatmap_sft_avar.png)", "", README_END]
+    return "\n".join(lines)
+
+
+def update_readme(section, path=os.path.join(ROOT, "README.md")):
+    text = open(path).read()
+    if README_BEGIN in text and README_END in text:
+        head, rest = text.split(README_BEGIN, 1)
+        text = head + section + rest.split(README_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
+# ---- the experiment -------------------------------------------------------------------------
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--toy", default="toy", help="toy world folder (made with `python data.py toy` if missing)")
-    ap.add_argument("--out", default="runs/exp")
-    ap.add_argument("--epochs", type=float, default=8)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--agto", type=float, default=0.02, help="alpha = beta of the AVAR objective (the toy's weights)")
-    ap.add_argument("--paper-agto", type=float, default=0.15, help="alpha = beta of the paper's weights")
-    ap.add_argument("--a-img", type=float, nargs="+", default=[0.0, 0.15, 0.5])
+    ap.add_argument("--toy", default="toy", help="toy world folder (written with `python data.py toy` if missing)")
+    ap.add_argument("--out", default="runs/toy_world", help="checkpoints and evaluations")
+    ap.add_argument("--results", default=RESULTS, help="toy_world.json and the PNG figures")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--sft-epochs", type=float, default=3)
+    ap.add_argument("--sft-lr", type=float, default=5e-4)
+    ap.add_argument("--agto", type=float, default=0.15, help="alpha = beta of the objective (the paper's 0.15)")
+    ap.add_argument("--sys-floor", type=float, default=0.25, help="the hinge of sft_avar (--agto-sys-floor)")
+    ap.add_argument("--grpo-steps", type=int, default=40)
+    ap.add_argument("--grpo-lr", type=float, default=1e-4)
+    ap.add_argument("--a-img", type=float, nargs="+", default=[0.0, 0.15])
     ap.add_argument("--a-sys", type=float, nargs="+", default=[0.0, 0.05, 0.4])
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N held-out problems")
+    ap.add_argument("--world-args", default="", help='extra arguments of `data.py toy`, e.g. "--n-train 64" (tiny runs)')
+    ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README section")
     args = ap.parse_args()
     os.chdir(ROOT)  # every path (and every command run) is relative to the repository root
-    py = sys.executable
-    toy, out = args.toy, args.out
-    if not os.path.exists(os.path.join(toy, "eval.jsonl")):
-        run([py, "data.py", "toy", "--out", toy])
-    train = [py, "train_sft.py", "--model", os.path.join(toy, "model"), "--epochs", str(args.epochs),
-             "--lr", str(args.lr), "--batch-size", str(args.batch_size), "--micro-batch", "8", "--save-every", "0"]
-    runs = {
-        "plain SFT": ["--data", f"{toy}/sft.jsonl", "--agto-alpha", "0", "--agto-beta", "0"],
-        "AVAR objective": ["--data", f"{toy}/sft.jsonl", "--agto-alpha", str(args.agto), "--agto-beta", str(args.agto)],
-        "AVAR objective, paper weights": ["--data", f"{toy}/sft.jsonl", "--agto-alpha", str(args.paper_agto),
-                                          "--agto-beta", str(args.paper_agto)],
-        "text-only SFT": ["--data", f"{toy}/sft_text_only.jsonl", "--agto-alpha", "0", "--agto-beta", "0"],
-    }
-    folders = {}
-    for name, extra in runs.items():
-        folder = os.path.join(out, name.replace(",", "").replace("-", "_").replace(" ", "_").lower())
-        folders[name] = folder
-        if not os.path.exists(os.path.join(folder, "latest")):
-            run(train + extra + ["--out", folder])
+    t_start = time.time()
+    py, toy, out = sys.executable, args.toy, args.out
+    os.makedirs(os.path.join(out, "eval"), exist_ok=True)
+    os.makedirs(args.results, exist_ok=True)
+
+    # 1. the base model of every seed (cached: data.py toy skips a base pretrained with the same settings)
+    bases = {}
+    for s in args.seeds:
+        bases[s] = os.path.join(toy, "model") if s == args.seeds[0] else os.path.join(out, f"base_{s}")
+        run([py, "data.py", "toy", "--out", toy, "--model-seed", str(s), "--model-out", bases[s], *shlex.split(args.world_args)],
+            log=os.path.join(out, f"base_{s}.log"))
+    world = json.load(open(os.path.join(toy, "toy_world.json")))
+    families = world["families"]
+
+    sft = [py, "train_sft.py", "--epochs", str(args.sft_epochs), "--lr", str(args.sft_lr), "--batch-size", "16",
+           "--micro-batch", "8", "--save-every", "0", "--num-workers", "0"]
+    plain = ["--agto-alpha", "0", "--agto-beta", "0"]
+    guided = ["--agto-alpha", str(args.agto), "--agto-beta", str(args.agto)]
+    grpo = [py, "train_grpo.py", "--data", f"{toy}/rl.jsonl", "--lr", str(args.grpo_lr), "--max-steps",
+            str(args.grpo_steps), "--group-size", "4", "--prompts-per-step", "8", "--max-new-tokens", "64",
+            "--save-every", "0"]
     limit = ["--limit", str(args.limit)] if args.limit else []
     ev = [py, "evaluate.py", "--bench", f"{toy}/eval.jsonl", "--batch-size", "32", "--max-new-tokens", "100",
           "--no-progress", *limit]
-    for name, folder in folders.items():
-        sweep = ["--a-img", *map(str, args.a_img), "--a-sys", *map(str, args.a_sys)] if name == "plain SFT" else []
-        run(ev + ["--model", folder, "--out", os.path.join(folder, "eval"), *sweep])
 
-    rows = []
-    for name, folder in folders.items():
-        for r in json.load(open(os.path.join(folder, "eval", "summary.json")))["rows"]:
-            rows.append((name, r))
-    preds = sorted(glob.glob(os.path.join(out, "*", "eval", "predictions", "*.jsonl")))
-    run([py, "evaluate.py", "--correlate", *preds, "--out", out])
-    corr = json.load(open(os.path.join(out, "correlation.json")))
-    world = json.load(open(os.path.join(toy, "toy_world.json")))
-    families = world["families"]  # write_toy_world assigns them round robin: record i is families[i % n]
-    lines = ["| model | setting | n | accuracy | " + " | ".join(families) + " | VAS |",
-             "|---|---|---|---|" + "---|" * len(families) + "---|"]
-    for name, r in rows:
-        right, total = [0] * len(families), [0] * len(families)
-        with open(r["predictions"]) as f:
-            for line in f:
-                p = json.loads(line)
-                fam = int(p["id"].rsplit("-", 1)[1]) % len(families)
-                right[fam] += bool(p["correct"])
-                total[fam] += 1
-        per_family = " | ".join(f"{100 * a / max(n, 1):.0f}%" for a, n in zip(right, total))
-        vas = "-" if r.get("mean_vas") is None else f"{r['mean_vas']:.4g}"
-        lines.append(f"| {name} | {r['setting']} | {r['n']} | {r['accuracy']:.1f}% | {per_family} | {vas} |")
-    chance = world["chance"]
-    lines.append("")
-    lines.append(f"Chance accuracy on the held-out split: {100 * chance:.1f}% (per family: "
-                 + ", ".join(f"{k} {100 * v:.0f}%" for k, v in world["chance_by_family"].items()) + "). Pearson r between VAS and accuracy "
-                 f"over the {corr.get('n')} result files with a finite VAS: {corr.get('r')} (p = {corr.get('p')}).")
-    table = "\n".join(lines)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
+    runs = {name: [] for name in MAIN_ARMS + ABLATIONS}
+    sweeps, train_logs = [], {name: [] for name in MAIN_ARMS + ABLATIONS}
+    for s in args.seeds:
+        d = lambda arm: os.path.join(out, f"{arm}_s{s}")  # noqa: E731
+        plan = {  # arm -> (command, the checkpoint it starts from)
+            "sft_multimodal": sft + plain + ["--data", f"{toy}/sft.jsonl", "--model", bases[s]],
+            "sft_text_only": sft + plain + ["--data", f"{toy}/sft_text_only.jsonl", "--model", bases[s]],
+            "sft_anchored": sft + plain + ["--data", f"{toy}/sft_anchored.jsonl", "--model", bases[s]],
+            "sft_avar": sft + guided + ["--agto-sys-floor", str(args.sys_floor), "--data", f"{toy}/sft_anchored.jsonl",
+                                        "--model", bases[s]],
+            "sft_avar_paper": sft + guided + ["--data", f"{toy}/sft_anchored.jsonl", "--model", bases[s]],
+            "grpo_plain": grpo + ["--model", d("sft_multimodal"), "--lambda-v", "0"],
+            "grpo_visual": grpo + ["--model", d("sft_avar"), "--lambda-v", "0.3", "--visual-form", "share"],
+            "grpo_visual_ratio": grpo + ["--model", d("sft_avar"), "--lambda-v", "0.3", "--visual-form", "ratio"],
+        }
+        for arm, cmd in plan.items():
+            if not os.path.exists(os.path.join(d(arm), "latest")):
+                if os.path.exists(d(arm)):
+                    shutil.rmtree(d(arm))  # an unfinished run: start it again
+                run(cmd + ["--out", d(arm), "--seed", str(s)], log=d(arm) + ".log")
+        for arm in MAIN_ARMS + ABLATIONS:
+            model = bases[s] if arm == "base" else d(arm)
+            sweep = (["--a-img", *map(str, args.a_img), "--a-sys", *map(str, args.a_sys)]
+                     if arm == "sft_multimodal" else [])
+            folder = os.path.join(out, "eval", f"{arm}_s{s}")
+            if not os.path.exists(os.path.join(folder, "summary.json")):
+                run(ev + ["--model", model, "--out", folder, *sweep], log=folder + ".log")
+            rows = read_eval(folder, families)
+            r = rows["base"]
+            runs[arm].append({"seed": s, "accuracy": r["accuracy"], "per_family": r["per_family"], "vas": r["vas"],
+                              "checkpoint": model})
+            if arm == "sft_multimodal":
+                sweeps.append(rows)
+            metrics = os.path.join(d(arm), "metrics.jsonl")
+            if arm != "base" and os.path.exists(metrics):
+                train_logs[arm].append([json.loads(l) for l in open(metrics)])
+        print(f"seed {s} done after {(time.time() - t_start) / 60:.1f} min", flush=True)
+
+    # 2. summaries over seeds
+    from evaluate import pearson
+
+    arms = {}
+    for name, rs in runs.items():
+        arms[name] = {"runs": rs, "summary": {
+            "accuracy": mean_ci([r["accuracy"] for r in rs]), "vas": mean_ci([r["vas"] for r in rs]),
+            "per_family": {f: mean_ci([r["per_family"][f] for r in rs]) for f in families}}}
+    main_pts = [(n, r["vas"], r["accuracy"]) for n in MAIN_ARMS for r in runs[n] if r["vas"] is not None]
+    all_pts = [(n, r["vas"], r["accuracy"]) for n in MAIN_ARMS + ABLATIONS for r in runs[n] if r["vas"] is not None]
+    correlation = pearson([p[1] for p in main_pts], [p[2] for p in main_pts])
+    correlation_all = pearson([p[1] for p in all_pts], [p[2] for p in all_pts])
+
+    settings = [k for k in sweeps[0]]
+    intervention = []
+    for k in settings:
+        a_img, a_sys = (0.0, 0.0) if k == "base" else [float(x) for x in k.replace("aimg", "").split("_asys")]
+        intervention.append({"setting": k, "a_img": a_img, "a_sys": a_sys,
+                             "accuracy": mean_ci([sw[k]["accuracy"] for sw in sweeps]),
+                             "delta": mean_ci([sw[k]["accuracy"] - sw["base"]["accuracy"] for sw in sweeps]),
+                             "vas": mean_ci([sw[k]["vas"] for sw in sweeps]),
+                             "runs": [{"accuracy": sw[k]["accuracy"], "vas": sw[k]["vas"]} for sw in sweeps]})
+
+    # 3. the bounded ratios, as measured
+    def last(arm, key, n=20):
+        return [sum(row[key] for row in log[-n:]) / len(log[-n:]) for log in train_logs[arm] if log and log[-1].get(key) is not None]
+
+    def max_visual(arm):
+        # the largest step mean of lambda_v * r_visual over the correct answers (the gated term)
+        return [max(0.3 * (row.get("reward_visual_correct") or 0.0) for row in log) for log in train_logs[arm]]
+
+    base_share = [system_share(bases[s], toy) for s in args.seeds]
+    bounded = {"sys_floor": args.sys_floor, "agto": args.agto,
+               "base_sys_share": mean_ci(base_share), "base_sys_share_runs": base_share,
+               "at_floor": {a: mean_ci(last(a, "at_floor")) for a in ("sft_avar", "sft_avar_paper")},
+               "final_sys_share": {a: mean_ci(last(a, "sys_share")) for a in ("sft_avar", "sft_avar_paper")},
+               "max_weighted_visual": {a: mean_ci(max_visual(a)) for a in ("grpo_visual", "grpo_visual_ratio")},
+               "grpo_reward_last": {a: mean_ci(last(a, "reward")) for a in ("grpo_plain", "grpo_visual", "grpo_visual_ratio")}}
+
+    # 4. the probe, on the first seed's base and its random initialisation
+    p = probe({"random init": bases[args.seeds[0]] + ".init", "base (pretrained)": bases[args.seeds[0]],
+               "sft_multimodal": os.path.join(out, f"sft_multimodal_s{args.seeds[0]}")})
+
+    res = {"seeds": args.seeds, "n_eval": world["eval"] if not args.limit else args.limit, "families": families,
+           "accuracy_unit": "percent", "chance": 100 * world["chance"],
+           "chance_by_family": {k: 100 * v for k, v in world["chance_by_family"].items()},
+           "settings": {k: v for k, v in vars(args).items() if k not in ("no_readme",)},
+           "arms": arms, "correlation": correlation, "correlation_all": correlation_all,
+           "intervention": intervention, "bounded": bounded,
+           "probe": {"n_train": 600, "n_test": 300, "models": p}}
+
+    res["minutes"] = (time.time() - t_start) / 60  # the training and evaluation (the figures follow)
+    with open(os.path.join(args.results, "toy_world.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+    # 5. pictures
+    if correlation["r"] is not None:
+        scatter_png(main_pts + [pt for pt in all_pts if pt[0] in ABLATIONS and abs(pt[1]) < 1e3],
+                    os.path.join(args.results, "vas_vs_accuracy.png"),
+                    "VAS vs accuracy, one dot per checkpoint (toy world)", correlation)
+    rec = [json.loads(l) for l in open(os.path.join(toy, "eval.jsonl"))][2]  # a count problem (round robin)
+    from evaluate import build_prompt
+    for arm, model in (("base", bases[args.seeds[0]]), ("sft_avar", os.path.join(out, f"sft_avar_s{args.seeds[0]}"))):
+        run([py, "vas.py", "--model", model, "--image", os.path.join(toy, rec["images"][0]), "--question",
+             build_prompt(rec), "--out", os.path.join(args.results, f"heatmap_{arm}.png")],
+            log=os.path.join(out, f"heatmap_{arm}.log"))
+    section = readme_section(res)
+    if not args.no_readme:
+        update_readme(section)
+    print(section)
 
 
 if __name__ == "__main__":

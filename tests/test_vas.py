@@ -5,6 +5,7 @@ The references here are written out directly from the formulas of docs/avar_meth
 data.encode_chat with a byte tokenizer (the ids of conftest.TINY_IDS).
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -392,7 +393,7 @@ def test_generation_with_intervention_equals_full_forward(hf_untied, tok):
 # ---------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_writes_heatmap_of_image_size(hf_untied, tmp_path):
+def test_cli_writes_readable_heatmap_figure(hf_untied, tmp_path):
     from PIL import Image
     from data import ImageProcessor
 
@@ -411,5 +412,85 @@ def test_cli_writes_heatmap_of_image_size(hf_untied, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "VAS" in r.stdout and "narrow" in r.stdout  # a random tiny model looks narrowly
     assert sum(line.split()[0] in ("0", "1") for line in r.stdout.splitlines() if line.strip()) == 2
-    with Image.open(out) as im:
-        assert im.size == (100, 70) and im.format == "PNG"
+    with Image.open(out) as im:  # image | map | overlay, 336 px each, and the colour scale
+        assert im.size == (3 * 336 + 4 * 12 + 24 + 90, 336 + 28 + 30) and im.format == "PNG"
+        # the first panel is the image itself, upsampled without interpolation
+        panel = im.convert("RGB").crop((12, 28, 12 + 336, 28 + 336))
+        with Image.open(img) as src:
+            assert panel.tobytes() == src.convert("RGB").resize((336, 336), Image.NEAREST).tobytes()
+
+
+# ------------------------------------------------------------------ bounded attention ratios
+
+
+def ref_shares(attns, roles, layers):
+    """s^{l,h} = (1/|Q|) sum_{q in Q} sum_{k in S} A_qk per image sample: {b: (L, H)} (no grad)."""
+    out = {}
+    for b in range(roles.shape[0]):
+        V, S = (roles[b] == IMAGE).nonzero().flatten(), (roles[b] == SYSTEM).nonzero().flatten()
+        if len(V) == 0:
+            continue
+        Q = torch.tensor(ref_query(roles[b], "user"))
+        out[b] = torch.stack([attns[l][b].detach().double()[:, Q][:, :, S].sum(-1).mean(-1) for l in layers])
+    return out
+
+
+def test_suppress_hinge_matches_hand_computed_terms(hf_untied, hf_eager, tok):
+    """log(max(s, floor) / |S| + eps) per layer and head, from full attention matrices; no
+    gradient from the cells held at the floor; floor 0 is the paper's formula exactly."""
+    _, path = hf_untied
+    m = from_pretrained(path, dtype=torch.float32)
+    batch = make_batch(tok, "right")
+    attns, _ = hf_attentions(hf_eager, batch)
+    layers = [0, 1, 2]
+    shares = ref_shares(attns, batch["roles"], layers)
+    n_sys = {b: int((batch["roles"][b] == SYSTEM).sum()) for b in shares}
+    floor = float(torch.cat([s.flatten() for s in shares.values()]).median())  # half the cells below
+
+    def terms(sys_floor):
+        ctl = AttentionGuidedLoss(batch["roles"], sys_floor=sys_floor)
+        m(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"], attn_ctl=ctl)
+        return ctl.terms()
+
+    paper, hinged = terms(0.0), terms(floor)
+    ref = sum(torch.log(torch.clamp(s, min=floor) / n_sys[b] + EPS).mean() for b, s in shares.items())
+    assert abs(hinged.suppress_sum.item() - ref.item()) < 1e-5
+    ref0 = sum(torch.log(s / n_sys[b] + EPS).mean() for b, s in shares.items())
+    assert abs(paper.suppress_sum.item() - ref0.item()) < 1e-5 and hinged.suppress_sum.item() > paper.suppress_sum.item()
+    assert torch.equal(hinged.enhance_sum, paper.enhance_sum)  # the hinge touches the suppress term only
+    # what the trainer logs: the mean share, and the cells at the floor (within 1%)
+    assert abs(hinged.sys_share_sum - sum(s.mean().item() for s in shares.values())) < 1e-5
+    assert abs(hinged.floor_n - sum((s <= 1.01 * floor).double().mean().item() for s in shares.values())) < 1e-6
+    assert 0 < hinged.floor_n < hinged.n_image and paper.floor_n == 0  # the random model is far above eps
+    # a floor above every share: every cell is held, the term is a constant without gradient
+    top = terms(0.99)
+    assert abs(top.suppress_sum.item() - sum(math.log(0.99 / n_sys[b] + EPS) for b in shares)) < 1e-5
+    grads = torch.autograd.grad(top.suppress_sum, [p for p in m.parameters()], allow_unused=True)
+    assert all(g is None or g.abs().max() == 0 for g in grads)
+    assert top.floor_n == top.n_image
+    with pytest.raises(ValueError, match="sys_floor"):
+        AttentionGuidedLoss(batch["roles"], sys_floor=1.0)
+
+
+def test_visual_reward_share_form_is_bounded_and_hand_computed(hf_untied, hf_eager, tok):
+    _, path = hf_untied
+    m = from_pretrained(path, dtype=torch.float32).eval()
+    batch = make_batch(tok, "left")
+    attns, _ = hf_attentions(hf_eager, batch)
+    args = (batch["input_ids"], batch["attention_mask"], batch["roles"], batch["pixel_values"], batch["image_grid_thw"])
+    share = visual_reward(m, *args, form="share")
+    for b in range(2):  # the image rows; the text-only row stays 0
+        roles = batch["roles"][b]
+        V, S, R = [(roles == r).nonzero().flatten() for r in (IMAGE, SYSTEM, RESPONSE)]
+        per_token = 0
+        for l in range(3):
+            A = attns[l][b].double().mean(0)
+            v, s = A[R][:, V].sum(-1), A[R][:, S].sum(-1)
+            per_token = per_token + v / (v + s + EPS)
+        assert abs(share[b].item() - (per_token / 3).mean().item()) < 1e-5
+    assert share[2] == 0 and bool(((share >= 0) & (share < 1)).all())
+    ratio = visual_reward(m, *args, form="ratio")
+    assert torch.equal(ratio, visual_reward(m, *args))  # the paper's ratio stays the default
+    assert bool((share[:2] < ratio[:2]).all())  # share = ratio / (1 + ratio) token by token: smaller
+    with pytest.raises(ValueError, match="form"):
+        visual_reward(m, *args, form="log")
