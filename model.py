@@ -156,20 +156,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):
-        # Normalise in float32, cast back before the weight: the order matters for bf16 parity.
+    def forward(self, x):  # normalise in float32, cast back before the weight: it matters for bf16 parity
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class Linear(nn.Linear):
     """nn.Linear, except that a product with 2 to 8 rows on a CPU (a decode step) is computed as
-    (W @ x^T)^T. Same maths, but MKL streams the weight faster this way round: 1.4-4.9x at 2 and
-    4 rows, 0.8-1.5x per matrix (a gain over a whole layer) at 8, no difference at 1 (a
-    matrix-vector product either way) or 16 (`python bench/bench_model.py --matmul`). Results may
-    differ from F.linear in the last bits (another summation order), so training and prefill, which
-    have many rows, keep F.linear."""
+    (W @ x^T)^T: MKL streams the weight faster this way round (1.4-4.9x at 2 and 4 rows, 0.8-1.5x
+    per matrix at 8, no gain at 1 or 16: `python bench/bench_model.py --matmul`). The last bits may
+    differ from F.linear (another summation order), so training and prefill keep F.linear."""
 
     thin_rows = 8
 
@@ -193,9 +189,10 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def rotate_half(x):
+def rotary(x, cos, sin):
+    """Rotary embedding: each feature pair (i, i + d/2) of x turned by the angle whose cos, sin are given."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,11 +315,8 @@ class VisionAttention(nn.Module):
     def forward(self, x, cos, sin, cu_seqlens, batched: bool):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # (N, H, d) each
-        # rotary in float32, cast back (the reference does the same; it matters for bf16 parity)
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        qf, kf = q.float(), k.float()
-        q = (qf * cos + rotate_half(qf) * sin).to(q.dtype)
-        k = (kf * cos + rotate_half(kf) * sin).to(k.dtype)
+        # rotary in float32, cast back (as the reference: it matters for bf16 parity)
+        q, k = (rotary(t.float(), cos[:, None], sin[:, None]).to(v.dtype) for t in (q, k))
         out = segment_attention(q, k, v, cu_seqlens, self.head_dim ** -0.5, batched)
         return self.proj(out.reshape(n, -1))
 
@@ -434,9 +428,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, d)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = rotary(q, cos[:, None], sin[:, None]), rotary(k, cos[:, None], sin[:, None])
         if cache is not None:  # write this step's keys/values, attend over the whole static buffer
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, d)
         key_scale = None
