@@ -245,12 +245,10 @@ def vision_rotary(grid_thw, merge: int, head_dim: int, theta: float):
     inv = 1.0 / (theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2)))  # (head_dim/4,)
     pos = []
     for t, h, w in grid_thw.tolist():
-        hpos = torch.arange(h)[:, None].expand(h, w)
-        wpos = torch.arange(w)[None, :].expand(h, w)
+        rows_cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # (h, w) each
         # reorder into 2x2 merge blocks so that 4 consecutive patches become one merged token
-        hpos = hpos.reshape(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).flatten()
-        wpos = wpos.reshape(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).flatten()
-        pos.append(torch.stack([hpos, wpos], dim=-1).repeat(t, 1))
+        blocks = [p.reshape(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).flatten() for p in rows_cols]
+        pos.append(torch.stack(blocks, dim=-1).repeat(t, 1))
     pos = torch.cat(pos).to(inv.device)  # (N, 2)
     freqs = (pos[..., None].float() * inv).flatten(1)  # (N, 2 * head_dim/4) = [row | col]
     return torch.cat([freqs, freqs], dim=-1)
@@ -484,32 +482,24 @@ def rope_index(input_ids, image_grid_thw, attention_mask, cfg: Config):
     deltas = torch.zeros(B, dtype=torch.long)
     g = 0
     for b in range(B):
-        ids = ids_cpu[b][mask_cpu[b]]
-        is_img = (ids == cfg.image_token_id).tolist()
-        n, i, cur, parts = len(ids), 0, 0, []
+        is_img = (ids_cpu[b][mask_cpu[b]] == cfg.image_token_id).tolist()
+        n, i, cur, parts = len(is_img), 0, 0, []
         while i < n:
-            if is_img[i]:
-                if g >= len(grids):
-                    raise ValueError(f"row {b}: more images in input_ids than entries in image_grid_thw")
-                t, h, w = grids[g]
-                lh, lw = h // merge, w // merge
-                cnt = t * lh * lw
-                if i + cnt > n or not all(is_img[i:i + cnt]):
-                    raise ValueError(f"row {b}: image {g} needs {cnt} consecutive <|image_pad|> tokens at {i}")
-                tt = torch.arange(t).repeat_interleave(lh * lw)
-                hh = torch.arange(lh).repeat_interleave(lw).repeat(t)
-                ww = torch.arange(lw).repeat(t * lh)
-                parts.append(torch.stack([tt, hh, ww]) + cur)
-                cur += max(t, lh, lw)
-                i += cnt
-                g += 1
-            else:
-                j = i
-                while j < n and not is_img[j]:
-                    j += 1
+            if not is_img[i]:  # a text run, up to the next image token
+                j = next((j for j in range(i, n) if is_img[j]), n)
                 parts.append(torch.arange(cur, cur + j - i).expand(3, -1))
-                cur += j - i
-                i = j
+                cur, i = cur + j - i, j
+                continue
+            if g >= len(grids):
+                raise ValueError(f"row {b}: more images in input_ids than entries in image_grid_thw")
+            t, h, w = grids[g]
+            lh, lw = h // merge, w // merge
+            cnt = t * lh * lw
+            if i + cnt > n or not all(is_img[i:i + cnt]):
+                raise ValueError(f"row {b}: image {g} needs {cnt} consecutive <|image_pad|> tokens at {i}")
+            thw = torch.meshgrid(torch.arange(t), torch.arange(lh), torch.arange(lw), indexing="ij")
+            parts.append(torch.stack(thw).flatten(1) + cur)  # (3, cnt): (t_i, row, col) + base
+            cur, i, g = cur + max(t, lh, lw), i + cnt, g + 1
         row = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
         pos[:, b, mask_cpu[b]] = row
         deltas[b] = (row.max() + 1 if row.numel() else 0) - T
@@ -524,8 +514,7 @@ class KVCache:
     Every row shares one write position: prompts are left-padded so they end together; padding
     and not-yet-written slots are excluded through `key_valid` (B, S). `rope_delta` (B,) is set by
     the prefill so that decoding continues at position (cache index + rope_delta). The write
-    position `pos` is a tensor, so a decode step reads no changing Python number and compiles
-    once (`seen` reads it as a plain int, for callers outside the hot loop).
+    position `pos` is a tensor, so a decode step reads no changing Python number and compiles once.
     """
 
     def __init__(self, cfg: Config, batch: int, max_len: int, dtype, device):
@@ -539,10 +528,6 @@ class KVCache:
         self.write_idx = None  # (T,) cache slots of the current call, set by the model
         self.prefilled = False
         self.max_len = max_len
-
-    @property
-    def seen(self) -> int:
-        return int(self.pos)
 
     def repeat_interleave(self, n: int) -> "KVCache":
         """A cache whose row b*n + i (i < n) is a copy of row b: n continuations of each prompt
