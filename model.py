@@ -33,6 +33,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -458,11 +459,22 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
+    """The decoder: the token embedding (read by `Qwen2_5_VL.embed`), the layers, the final norm."""
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, x, cos, sin, allowed, impl, cache=None, attn_ctl=None, is_causal=False):
+        for layer in self.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, allowed, impl, cache, attn_ctl, is_causal, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, allowed, impl, cache, attn_ctl, is_causal)
+        return self.norm(x)
 
 
 def rope_index(input_ids, image_grid_thw, attention_mask, cfg: Config):
@@ -561,80 +573,75 @@ class Qwen2_5_VL(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.attn_impl = "sdpa"  # "eager": the explicit attention_probs path; "sdpa": fused kernel
-        self.gradient_checkpointing = False
 
     def set_gradient_checkpointing(self, on: bool = True):
         """Recompute each decoder layer and vision block in backward instead of keeping activations."""
-        self.gradient_checkpointing = on
-        self.visual.gradient_checkpointing = on
-
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, check: bool = True):
-        """Token embeddings with image features scattered, in image order, into <|image_pad|> slots.
-        (`check=False` skips counting the slots of an image-free call: decode steps, no host sync.)"""
-        x = self.model.embed_tokens(input_ids)
-        if pixel_values is None:
-            if check and bool((input_ids == self.cfg.image_token_id).any()):
-                raise ValueError("input_ids hold <|image_pad|> tokens but no pixel_values were given")
-            return x
-        n_slots = int((input_ids == self.cfg.image_token_id).sum())
-        feats = self.visual(pixel_values, image_grid_thw)  # (N/4, D)
-        if feats.shape[0] != n_slots:
-            raise ValueError(f"{feats.shape[0]} image features for {n_slots} <|image_pad|> tokens")
-        slots = (input_ids == self.cfg.image_token_id)[..., None].expand_as(x)
-        return x.masked_scatter(slots, feats.to(x.dtype))
+        self.model.gradient_checkpointing = self.visual.gradient_checkpointing = on
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
                 cache: KVCache | None = None, attn_ctl=None, return_hidden: bool = False):
-        """Logits (B, T, V) (or final hidden states (B, T, D) with return_hidden).
+        """Logits (B, T, V) (or final hidden states (B, T, D) with return_hidden): the vision merge
+        (`embed`), the positions and the mask (`rope_and_mask`), the decoder, the head.
 
         attention_mask (B, T): 1 for tokens, 0 for padding (left or right). With a `cache`, the
         first call is the prefill (its attention_mask marks the prompt's padding) and later calls
         decode, each token taking the next cache slot.
         """
-        cfg = self.cfg
-        B, T = input_ids.shape
-        dev = input_ids.device
         decoding = cache is not None and cache.prefilled
         x = self.embed(input_ids, pixel_values, image_grid_thw, check=not decoding)
-        all_valid = attention_mask is None  # known without looking at the mask (no host sync)
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.bool, device=dev)
-        attention_mask = attention_mask.bool()
+        cos, sin, allowed, is_causal = self.rope_and_mask(input_ids, attention_mask, image_grid_thw, cache, x.dtype)
+        x = self.model(x, cos, sin, allowed, self.attn_impl, cache, attn_ctl, is_causal)
+        if cache is not None:
+            cache.pos += input_ids.shape[1]
+        return x if return_hidden else self.lm_head(x)
 
-        steps = torch.arange(T, device=dev)
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, check: bool = True):
+        """The vision merge: token embeddings with the vision tower's features scattered, in image
+        order, into the <|image_pad|> slots. (`check=False` skips counting the slots of an
+        image-free call: decode steps, no host sync.)"""
+        x = self.model.embed_tokens(input_ids)
+        slots = input_ids == self.cfg.image_token_id
+        if pixel_values is None:
+            if check and bool(slots.any()):
+                raise ValueError("input_ids hold <|image_pad|> tokens but no pixel_values were given")
+            return x
+        feats = self.visual(pixel_values, image_grid_thw)  # (N/4, D)
+        if feats.shape[0] != int(slots.sum()):
+            raise ValueError(f"{feats.shape[0]} image features for {int(slots.sum())} <|image_pad|> tokens")
+        return x.masked_scatter(slots[..., None].expand_as(x), feats.to(x.dtype))
+
+    def rope_and_mask(self, input_ids, attention_mask, image_grid_thw, cache, dtype):
+        """M-RoPE cos, sin (B, T, d) in `dtype`, allowed (B, 1, T, Tk) and whether the plain causal
+        mask is enough (is_causal). With a cache, the T tokens take its next slots: a prefill
+        (the first call) sets rope_delta, a decode step continues at (cache index + rope_delta)."""
+        cfg = self.cfg
+        B, T = input_ids.shape
+        all_valid = attention_mask is None  # known without looking at the mask (no host sync)
+        mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if all_valid else attention_mask.bool()
+        steps = torch.arange(T, device=input_ids.device)
         q_idx = steps if cache is None else cache.pos + steps  # absolute (cache) index of each query
-        if not decoding:
-            position_ids, rope_delta = rope_index(input_ids, image_grid_thw, attention_mask, cfg)
+        if cache is None or not cache.prefilled:
+            position_ids, rope_delta = rope_index(input_ids, image_grid_thw, mask, cfg)
             if cache is not None:
                 cache.rope_delta, cache.prefilled = rope_delta, True
         else:  # decoding: cache index + rope_delta on all three axes
             position_ids = (q_idx[None, :] + cache.rope_delta[:, None]).expand(3, B, T)
-        cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, x.dtype)
+        cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, dtype)
 
         # allowed[b, 0, i, j]: query i may see key j (causal by absolute index, key not padding).
         # The diagonal is always allowed, so a padding query row never has zero keys (no NaN).
         if cache is not None:
             cache.write_idx = q_idx
-            cache.key_valid.index_copy_(1, q_idx, attention_mask)
+            cache.key_valid.index_copy_(1, q_idx, mask)
             key_valid, k_idx = cache.key_valid, cache.k_idx
         else:
-            key_valid, k_idx = attention_mask, q_idx
+            key_valid, k_idx = mask, q_idx
         allowed = (k_idx[None, :] <= q_idx[:, None])[None] & key_valid[:, None, :]
         allowed = (allowed | (k_idx[None, :] == q_idx[:, None])[None])[:, None]  # (B, 1, T, Tk)
         # Without a cache, a batch that is unpadded or right-padded needs only the causal mask for
         # its real tokens (padding keys come after them): SDPA can then use its flash kernels.
-        is_causal = cache is None and (all_valid or bool((attention_mask == (steps < attention_mask.sum(-1, keepdim=True))).all()))
-
-        for layer in self.model.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, allowed, self.attn_impl, cache, attn_ctl, is_causal,
-                               use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, allowed, self.attn_impl, cache, attn_ctl, is_causal)
-        x = self.model.norm(x)
-        if cache is not None:
-            cache.pos += T
-        return x if return_hidden else self.lm_head(x)
+        is_causal = cache is None and (all_valid or bool((mask == (steps < mask.sum(-1, keepdim=True))).all()))
+        return cos, sin, allowed, is_causal
 
     # ---------------------------------------------------------------------------- generation
 
@@ -643,7 +650,7 @@ class Qwen2_5_VL(nn.Module):
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  stop_ids=None, pad_id: int | None = None, vocab_limit: int | None = None,
                  banned_ids=None, num_samples: int = 1, attn_ctl_factory=None, compile: bool = False):
-        """Decode a batch of prompts with a pre-allocated KV cache.
+        """Decode a batch of prompts with a pre-allocated KV cache: `prefill`, then `decode`.
 
         prompts: list of 1-D LongTensors (ragged; each may contain <|image_pad|> runs).
         pixel_values / image_grid_thw: all prompts' images concatenated in prompt order, as the
@@ -666,55 +673,63 @@ class Qwen2_5_VL(nn.Module):
         Returns (tokens (B * num_samples, max_new_tokens) padded with pad_id after each row's end,
         lengths (B * num_samples,)).
         """
-        dev = self.lm_head.weight.device
-        if stop_ids is None:
-            stop_ids = (self.cfg.eos_token_id, self.cfg.bos_token_id)
-        if pad_id is None:
-            pad_id = self.cfg.bos_token_id
-        B = len(prompts)
-        L = max(len(p) for p in prompts)
+        c, dev = self.cfg, self.lm_head.weight.device
+        stop_ids = (c.eos_token_id, c.bos_token_id) if stop_ids is None else stop_ids
+        pad_id = c.bos_token_id if pad_id is None else pad_id
+        if banned_ids is None:
+            banned_ids = (c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id)
+        B, L = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((B, L), pad_id, dtype=torch.long, device=dev)
         mask = torch.zeros(B, L, dtype=torch.bool, device=dev)
         for b, p in enumerate(prompts):  # left padding: every prompt ends at index L - 1
-            ids[b, L - len(p):] = p.to(dev)
-            mask[b, L - len(p):] = True
-        cache = KVCache(self.cfg, B, L + max_new_tokens, self.lm_head.weight.dtype, dev)
+            ids[b, L - len(p):], mask[b, L - len(p):] = p.to(dev), True
+        cache = KVCache(c, B, L + max_new_tokens, self.lm_head.weight.dtype, dev)
         ctl = attn_ctl_factory(cache.max_len, ids, mask) if attn_ctl_factory is not None else None
         if num_samples > 1 and ctl is not None:
             raise ValueError("num_samples > 1 with an attention controller: repeat the prompts instead")
         gen = None
         if temperature > 0:
-            gen = torch.Generator(device=dev)
-            gen.manual_seed(seed if seed is not None else torch.seed())
-        if banned_ids is None:
-            c = self.cfg
-            banned_ids = (c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id)
-        blocked = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=dev)  # never drawn
+            gen = torch.Generator(device=dev).manual_seed(seed if seed is not None else torch.seed())
+        blocked = torch.zeros(c.vocab_size, dtype=torch.bool, device=dev)  # ids never drawn
         blocked[list(banned_ids)] = True
         if vocab_limit is not None:
             blocked[vocab_limit:] = True
+        draw = partial(sample_next, temperature=temperature, top_p=top_p, gen=gen, blocked=blocked)
+
+        logits = self.prefill(ids, mask, pixel_values, image_grid_thw, cache, ctl)
+        if num_samples > 1:
+            cache, logits = cache.repeat_interleave(num_samples), logits.repeat_interleave(num_samples, dim=0)
+        return self.decode(logits, cache, draw, max_new_tokens, stop_ids, pad_id, ctl, compile)
+
+    def prefill(self, ids, mask, pixel_values, image_grid_thw, cache: KVCache, attn_ctl=None):
+        """The left-padded prompts (B, L) and their images into the empty `cache` -> next-token
+        logits (B, V): the head runs on the last position only."""
+        hidden = self(ids, mask, pixel_values, image_grid_thw, cache=cache, attn_ctl=attn_ctl, return_hidden=True)
+        return self.lm_head(hidden[:, -1])
+
+    def decode(self, logits, cache: KVCache, draw, max_new_tokens: int, stop_ids, pad_id: int,
+               attn_ctl=None, compile: bool = False):
+        """The decode loop: draw a token per row from logits (B, V), feed it through `decode_step`
+        (compiled with `compile`, unless an attention controller runs Python in it), until every
+        row has emitted a stop id or max_new_tokens are drawn. -> (tokens (B, max_new_tokens),
+        pad_id after each row's end; lengths (B,))."""
+        step = self._compiled_decode_step() if compile and attn_ctl is None else self.decode_step
+        B, dev = logits.shape[0], logits.device
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
         # Asking "are all rows done?" waits for the device; on a GPU ask every 16 steps only.
         check_every = 1 if dev.type == "cpu" else 16
-        decode = self.decode_step if ctl is not None or not compile else self._compiled_decode_step()
-
-        hidden = self(ids, mask, pixel_values, image_grid_thw, cache=cache, attn_ctl=ctl, return_hidden=True)
-        logits = self.lm_head(hidden[:, -1])  # the prompt's last position only
-        if num_samples > 1:
-            cache, logits = cache.repeat_interleave(num_samples), logits.repeat_interleave(num_samples, dim=0)
-        N = B * num_samples
-        out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-        lengths = torch.zeros(N, dtype=torch.long, device=dev)
-        done = torch.zeros(N, dtype=torch.bool, device=dev)
-        for step in range(max_new_tokens):
-            tok = sample_next(logits.float(), temperature, top_p, gen, blocked)
+        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+        lengths = torch.zeros(B, dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        for i in range(max_new_tokens):
+            tok = draw(logits.float())
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-            out[:, step] = tok
+            out[:, i] = tok
             lengths += (~done).long()
             done |= torch.isin(tok, stops)
-            if step + 1 == max_new_tokens or ((step + 1) % check_every == 0 and bool(done.all())):
+            if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and bool(done.all())):
                 break
-            logits = decode(tok[:, None], cache, ctl)
+            logits = step(tok[:, None], cache, attn_ctl)
         return out, lengths
 
     def decode_step(self, tok, cache: KVCache, attn_ctl=None):
@@ -723,7 +738,7 @@ class Qwen2_5_VL(nn.Module):
         return self(tok, None, cache=cache, attn_ctl=attn_ctl)[:, -1]
 
     def _compiled_decode_step(self):
-        if getattr(self, "_decode_compiled", None) is None:
+        if getattr(self, "_decode_compiled", None) is None:  # compiled once per model
             self._decode_compiled = torch.compile(self.decode_step, fullgraph=True, dynamic=False)
         return self._decode_compiled
 
