@@ -29,6 +29,7 @@ tower once per prompt, and decodes greedily or by temperature / top-p sampling u
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -292,10 +293,8 @@ def segment_attention(q, k, v, cu_seqlens, scale: float, batched: bool):
                                                vs.transpose(0, 1)[None], scale=scale)[0].transpose(0, 1)
                 for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
         return torch.cat(outs)
-    lmax = max(lengths)
-    starts = cu_seqlens[:-1].to(q.device)
-    lens = torch.tensor(lengths, device=q.device)
-    offs = torch.arange(lmax, device=q.device)
+    starts, lens = cu_seqlens[:-1].to(q.device), torch.tensor(lengths, device=q.device)
+    offs = torch.arange(max(lengths), device=q.device)
     valid = offs[None, :] < lens[:, None]  # (S, Lmax)
     idx = (starts[:, None] + offs[None, :]).clamp(max=q.shape[0] - 1)  # (S, Lmax)
     qb, kb, vb = (x[idx].transpose(1, 2) for x in (q, k, v))  # (S, H, Lmax, d)
@@ -306,8 +305,7 @@ def segment_attention(q, k, v, cu_seqlens, scale: float, batched: bool):
 class VisionAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
@@ -323,8 +321,7 @@ class VisionAttention(nn.Module):
 class VisionBlock(nn.Module):
     def __init__(self, vc: VisionConfig):
         super().__init__()
-        self.norm1 = RMSNorm(vc.hidden_size)
-        self.norm2 = RMSNorm(vc.hidden_size)
+        self.norm1, self.norm2 = RMSNorm(vc.hidden_size), RMSNorm(vc.hidden_size)
         self.attn = VisionAttention(vc.hidden_size, vc.num_heads)
         self.mlp = SwiGLU(vc.hidden_size, vc.intermediate_size, bias=True)
 
@@ -531,8 +528,7 @@ class KVCache:
 
     def __init__(self, cfg: Config, batch: int, max_len: int, dtype, device):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.rope_delta = torch.zeros(batch, dtype=torch.long, device=device)
         self.pos = torch.zeros((), dtype=torch.long, device=device)
@@ -544,11 +540,9 @@ class KVCache:
     def repeat_interleave(self, n: int) -> "KVCache":
         """A cache whose row b*n + i (i < n) is a copy of row b: n continuations of each prompt
         after one prefill."""
-        new = object.__new__(KVCache)
-        new.__dict__.update(self.__dict__)
+        new = copy.copy(self)
         new.k, new.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
-        new.key_valid = self.key_valid.repeat_interleave(n, dim=0)
-        new.rope_delta = self.rope_delta.repeat_interleave(n, dim=0)
+        new.key_valid, new.rope_delta = self.key_valid.repeat_interleave(n, 0), self.rope_delta.repeat_interleave(n, 0)
         new.pos = self.pos.clone()
         return new
 
@@ -650,28 +644,26 @@ class Qwen2_5_VL(nn.Module):
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  stop_ids=None, pad_id: int | None = None, vocab_limit: int | None = None,
                  banned_ids=None, num_samples: int = 1, attn_ctl_factory=None, compile: bool = False):
-        """Decode a batch of prompts with a pre-allocated KV cache: `prefill`, then `decode`.
+        """Decode a batch of prompts with a pre-allocated KV cache: `prefill` once, then `decode`.
 
         prompts: list of 1-D LongTensors (ragged; each may contain <|image_pad|> runs).
         pixel_values / image_grid_thw: all prompts' images concatenated in prompt order, as the
             image processor returns them. The vision tower runs once, in the prefill.
         temperature 0 is greedy; otherwise softmax(logits / temperature) restricted to the top-p
             nucleus, drawn from a torch.Generator seeded with `seed` (same seed, same samples).
-        stop_ids: a row ends after emitting one of these (the stop token is kept and counted);
-            default <|im_end|> and <|endoftext|> (eos and bos ids of the config). pad_id: default
-            <|endoftext|>, used for left padding and after each row's end.
-        vocab_limit: ids >= this (Qwen pads its embedding matrix past the tokenizer) are never drawn.
-        banned_ids: ids never drawn; default the vision placeholders (<|image_pad|>, <|video_pad|>,
-            <|vision_start|>, <|vision_end|>), which a reply cannot contain (fed back, an
-            <|image_pad|> would claim an image slot).
-        num_samples: continuations per prompt, all from one prefill (the cache is copied after it);
-            the rows come out prompt-major: row p * num_samples + i is sample i of prompt p.
+        stop_ids: a row ends after emitting one of these (kept and counted); default <|im_end|> and
+            <|endoftext|> (eos and bos of the config). pad_id (default <|endoftext|>): left padding
+            and what follows each row's end.
+        Never drawn: ids >= vocab_limit (Qwen pads its embedding matrix past the tokenizer) and
+            banned_ids, by default the vision placeholders, which a reply cannot contain (fed back,
+            an <|image_pad|> would claim an image slot).
+        num_samples: continuations per prompt from one prefill (the cache is copied after it), rows
+            prompt-major: row p * num_samples + i is sample i of prompt p.
         attn_ctl_factory(cache_len, ids (B, L), mask (B, L)) -> attn_ctl, for the intervention during
-            generation: called with the cache length and the left-padded prompts, it must return a
-            controller whose key_scale covers all cache_len keys.
+            generation: given the cache length and the left-padded prompts, it returns a controller
+            whose key_scale covers all cache_len keys.
         compile: run the one-token decode step through torch.compile (worth it on a GPU).
-        Returns (tokens (B * num_samples, max_new_tokens) padded with pad_id after each row's end,
-        lengths (B * num_samples,)).
+        Returns (tokens (B * num_samples, max_new_tokens), pad_id after each row's end; lengths).
         """
         c, dev = self.cfg, self.lm_head.weight.device
         stop_ids = (c.eos_token_id, c.bos_token_id) if stop_ids is None else stop_ids
@@ -722,10 +714,8 @@ class Qwen2_5_VL(nn.Module):
         lengths = torch.zeros(B, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         for i in range(max_new_tokens):
-            tok = draw(logits.float())
-            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-            out[:, i] = tok
-            lengths += (~done).long()
+            out[:, i] = tok = torch.where(done, pad_id, draw(logits.float()))
+            lengths += ~done
             done |= torch.isin(tok, stops)
             if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and bool(done.all())):
                 break
