@@ -599,9 +599,10 @@ class Qwen2_5_VL(nn.Module):
             if check and bool(slots.any()):
                 raise ValueError("input_ids hold <|image_pad|> tokens but no pixel_values were given")
             return x
+        n_slots = int(slots.sum())
         feats = self.visual(pixel_values, image_grid_thw)  # (N/4, D)
-        if feats.shape[0] != int(slots.sum()):
-            raise ValueError(f"{feats.shape[0]} image features for {int(slots.sum())} <|image_pad|> tokens")
+        if feats.shape[0] != n_slots:
+            raise ValueError(f"{feats.shape[0]} image features for {n_slots} <|image_pad|> tokens")
         return x.masked_scatter(slots[..., None].expand_as(x), feats.to(x.dtype))
 
     def rope_and_mask(self, input_ids, attention_mask, image_grid_thw, cache, dtype):
