@@ -29,10 +29,12 @@ tower once per prompt, and decodes greedily or by temperature / top-p sampling u
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -175,20 +177,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):
-        # Normalise in float32, cast back before the weight: the order matters for bf16 parity.
+    def forward(self, x):  # normalise in float32, cast back before the weight: it matters for bf16 parity
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class Linear(nn.Linear):
     """nn.Linear, except that a product with 2 to 8 rows on a CPU (a decode step) is computed as
-    (W @ x^T)^T. Same maths, but MKL streams the weight faster this way round: 1.4-4.9x at 2 and
-    4 rows, 0.8-1.5x per matrix (a gain over a whole layer) at 8, no difference at 1 (a
-    matrix-vector product either way) or 16 (`python bench/bench_model.py --matmul`). Results may
-    differ from F.linear in the last bits (another summation order), so training and prefill, which
-    have many rows, keep F.linear."""
+    (W @ x^T)^T: MKL streams the weight faster this way round (1.4-4.9x at 2 and 4 rows, 0.8-1.5x
+    per matrix at 8, no gain at 1 or 16: `python bench/bench_model.py --matmul`). The last bits may
+    differ from F.linear (another summation order), so training and prefill keep F.linear."""
 
     thin_rows = 8
 
@@ -212,9 +210,10 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def rotate_half(x):
+def rotary(x, cos, sin):
+    """Rotary embedding: each feature pair (i, i + d/2) of x turned by the angle whose cos, sin are given."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,12 +266,10 @@ def vision_rotary(grid_thw, merge: int, head_dim: int, theta: float):
     inv = 1.0 / (theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2)))  # (head_dim/4,)
     pos = []
     for t, h, w in grid_thw.tolist():
-        hpos = torch.arange(h)[:, None].expand(h, w)
-        wpos = torch.arange(w)[None, :].expand(h, w)
+        rows_cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # (h, w) each
         # reorder into 2x2 merge blocks so that 4 consecutive patches become one merged token
-        hpos = hpos.reshape(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).flatten()
-        wpos = wpos.reshape(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).flatten()
-        pos.append(torch.stack([hpos, wpos], dim=-1).repeat(t, 1))
+        blocks = [p.reshape(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).flatten() for p in rows_cols]
+        pos.append(torch.stack(blocks, dim=-1).repeat(t, 1))
     pos = torch.cat(pos).to(inv.device)  # (N, 2)
     freqs = (pos[..., None].float() * inv).flatten(1)  # (N, 2 * head_dim/4) = [row | col]
     return torch.cat([freqs, freqs], dim=-1)
@@ -315,10 +312,8 @@ def segment_attention(q, k, v, cu_seqlens, scale: float, batched: bool):
                                                vs.transpose(0, 1)[None], scale=scale)[0].transpose(0, 1)
                 for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
         return torch.cat(outs)
-    lmax = max(lengths)
-    starts = cu_seqlens[:-1].to(q.device)
-    lens = torch.tensor(lengths, device=q.device)
-    offs = torch.arange(lmax, device=q.device)
+    starts, lens = cu_seqlens[:-1].to(q.device), torch.tensor(lengths, device=q.device)
+    offs = torch.arange(max(lengths), device=q.device)
     valid = offs[None, :] < lens[:, None]  # (S, Lmax)
     idx = (starts[:, None] + offs[None, :]).clamp(max=q.shape[0] - 1)  # (S, Lmax)
     qb, kb, vb = (x[idx].transpose(1, 2) for x in (q, k, v))  # (S, H, Lmax, d)
@@ -329,19 +324,15 @@ def segment_attention(q, k, v, cu_seqlens, scale: float, batched: bool):
 class VisionAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x, cos, sin, cu_seqlens, batched: bool):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # (N, H, d) each
-        # rotary in float32, cast back (the reference does the same; it matters for bf16 parity)
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        qf, kf = q.float(), k.float()
-        q = (qf * cos + rotate_half(qf) * sin).to(q.dtype)
-        k = (kf * cos + rotate_half(kf) * sin).to(k.dtype)
+        # rotary in float32, cast back (as the reference: it matters for bf16 parity)
+        q, k = (rotary(t.float(), cos[:, None], sin[:, None]).to(v.dtype) for t in (q, k))
         out = segment_attention(q, k, v, cu_seqlens, self.head_dim ** -0.5, batched)
         return self.proj(out.reshape(n, -1))
 
@@ -349,8 +340,7 @@ class VisionAttention(nn.Module):
 class VisionBlock(nn.Module):
     def __init__(self, vc: VisionConfig):
         super().__init__()
-        self.norm1 = RMSNorm(vc.hidden_size)
-        self.norm2 = RMSNorm(vc.hidden_size)
+        self.norm1, self.norm2 = RMSNorm(vc.hidden_size), RMSNorm(vc.hidden_size)
         self.attn = VisionAttention(vc.hidden_size, vc.num_heads)
         self.mlp = SwiGLU(vc.hidden_size, vc.intermediate_size, bias=True)
 
@@ -453,9 +443,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, d)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = rotary(q, cos[:, None], sin[:, None]), rotary(k, cos[:, None], sin[:, None])
         if cache is not None:  # write this step's keys/values, attend over the whole static buffer
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, d)
         key_scale = None
@@ -487,11 +475,22 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
+    """The decoder: the token embedding (read by `Qwen2_5_VL.embed`), the layers, the final norm."""
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, x, cos, sin, allowed, impl, cache=None, attn_ctl=None, is_causal=False):
+        for layer in self.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, allowed, impl, cache, attn_ctl, is_causal, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, allowed, impl, cache, attn_ctl, is_causal)
+        return self.norm(x)
 
 
 def rope_index(input_ids, image_grid_thw, attention_mask, cfg: Config):
@@ -511,32 +510,24 @@ def rope_index(input_ids, image_grid_thw, attention_mask, cfg: Config):
     deltas = torch.zeros(B, dtype=torch.long)
     g = 0
     for b in range(B):
-        ids = ids_cpu[b][mask_cpu[b]]
-        is_img = (ids == cfg.image_token_id).tolist()
-        n, i, cur, parts = len(ids), 0, 0, []
+        is_img = (ids_cpu[b][mask_cpu[b]] == cfg.image_token_id).tolist()
+        n, i, cur, parts = len(is_img), 0, 0, []
         while i < n:
-            if is_img[i]:
-                if g >= len(grids):
-                    raise ValueError(f"row {b}: more images in input_ids than entries in image_grid_thw")
-                t, h, w = grids[g]
-                lh, lw = h // merge, w // merge
-                cnt = t * lh * lw
-                if i + cnt > n or not all(is_img[i:i + cnt]):
-                    raise ValueError(f"row {b}: image {g} needs {cnt} consecutive <|image_pad|> tokens at {i}")
-                tt = torch.arange(t).repeat_interleave(lh * lw)
-                hh = torch.arange(lh).repeat_interleave(lw).repeat(t)
-                ww = torch.arange(lw).repeat(t * lh)
-                parts.append(torch.stack([tt, hh, ww]) + cur)
-                cur += max(t, lh, lw)
-                i += cnt
-                g += 1
-            else:
-                j = i
-                while j < n and not is_img[j]:
-                    j += 1
+            if not is_img[i]:  # a text run, up to the next image token
+                j = next((j for j in range(i, n) if is_img[j]), n)
                 parts.append(torch.arange(cur, cur + j - i).expand(3, -1))
-                cur += j - i
-                i = j
+                cur, i = cur + j - i, j
+                continue
+            if g >= len(grids):
+                raise ValueError(f"row {b}: more images in input_ids than entries in image_grid_thw")
+            t, h, w = grids[g]
+            lh, lw = h // merge, w // merge
+            cnt = t * lh * lw
+            if i + cnt > n or not all(is_img[i:i + cnt]):
+                raise ValueError(f"row {b}: image {g} needs {cnt} consecutive <|image_pad|> tokens at {i}")
+            thw = torch.meshgrid(torch.arange(t), torch.arange(lh), torch.arange(lw), indexing="ij")
+            parts.append(torch.stack(thw).flatten(1) + cur)  # (3, cnt): (t_i, row, col) + base
+            cur, i, g = cur + max(t, lh, lw), i + cnt, g + 1
         row = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
         pos[:, b, mask_cpu[b]] = row
         deltas[b] = (row.max() + 1 if row.numel() else 0) - T
@@ -551,14 +542,12 @@ class KVCache:
     Every row shares one write position: prompts are left-padded so they end together; padding
     and not-yet-written slots are excluded through `key_valid` (B, S). `rope_delta` (B,) is set by
     the prefill so that decoding continues at position (cache index + rope_delta). The write
-    position `pos` is a tensor, so a decode step reads no changing Python number and compiles
-    once (`seen` reads it as a plain int, for callers outside the hot loop).
+    position `pos` is a tensor, so a decode step reads no changing Python number and compiles once.
     """
 
     def __init__(self, cfg: Config, batch: int, max_len: int, dtype, device):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.rope_delta = torch.zeros(batch, dtype=torch.long, device=device)
         self.pos = torch.zeros((), dtype=torch.long, device=device)
@@ -567,18 +556,12 @@ class KVCache:
         self.prefilled = False
         self.max_len = max_len
 
-    @property
-    def seen(self) -> int:
-        return int(self.pos)
-
     def repeat_interleave(self, n: int) -> "KVCache":
         """A cache whose row b*n + i (i < n) is a copy of row b: n continuations of each prompt
         after one prefill."""
-        new = object.__new__(KVCache)
-        new.__dict__.update(self.__dict__)
+        new = copy.copy(self)
         new.k, new.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
-        new.key_valid = self.key_valid.repeat_interleave(n, dim=0)
-        new.rope_delta = self.rope_delta.repeat_interleave(n, dim=0)
+        new.key_valid, new.rope_delta = self.key_valid.repeat_interleave(n, 0), self.rope_delta.repeat_interleave(n, 0)
         new.pos = self.pos.clone()
         return new
 
@@ -603,80 +586,76 @@ class Qwen2_5_VL(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.attn_impl = "sdpa"  # "eager": the explicit attention_probs path; "sdpa": fused kernel
-        self.gradient_checkpointing = False
 
     def set_gradient_checkpointing(self, on: bool = True):
         """Recompute each decoder layer and vision block in backward instead of keeping activations."""
-        self.gradient_checkpointing = on
-        self.visual.gradient_checkpointing = on
-
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, check: bool = True):
-        """Token embeddings with image features scattered, in image order, into <|image_pad|> slots.
-        (`check=False` skips counting the slots of an image-free call: decode steps, no host sync.)"""
-        x = self.model.embed_tokens(input_ids)
-        if pixel_values is None:
-            if check and bool((input_ids == self.cfg.image_token_id).any()):
-                raise ValueError("input_ids hold <|image_pad|> tokens but no pixel_values were given")
-            return x
-        n_slots = int((input_ids == self.cfg.image_token_id).sum())
-        feats = self.visual(pixel_values, image_grid_thw)  # (N/4, D)
-        if feats.shape[0] != n_slots:
-            raise ValueError(f"{feats.shape[0]} image features for {n_slots} <|image_pad|> tokens")
-        slots = (input_ids == self.cfg.image_token_id)[..., None].expand_as(x)
-        return x.masked_scatter(slots, feats.to(x.dtype))
+        self.model.gradient_checkpointing = self.visual.gradient_checkpointing = on
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
                 cache: KVCache | None = None, attn_ctl=None, return_hidden: bool = False):
-        """Logits (B, T, V) (or final hidden states (B, T, D) with return_hidden).
+        """Logits (B, T, V) (or final hidden states (B, T, D) with return_hidden): the vision merge
+        (`embed`), the positions and the mask (`rope_and_mask`), the decoder, the head.
 
         attention_mask (B, T): 1 for tokens, 0 for padding (left or right). With a `cache`, the
         first call is the prefill (its attention_mask marks the prompt's padding) and later calls
         decode, each token taking the next cache slot.
         """
-        cfg = self.cfg
-        B, T = input_ids.shape
-        dev = input_ids.device
         decoding = cache is not None and cache.prefilled
         x = self.embed(input_ids, pixel_values, image_grid_thw, check=not decoding)
-        all_valid = attention_mask is None  # known without looking at the mask (no host sync)
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.bool, device=dev)
-        attention_mask = attention_mask.bool()
+        cos, sin, allowed, is_causal = self.rope_and_mask(input_ids, attention_mask, image_grid_thw, cache, x.dtype)
+        x = self.model(x, cos, sin, allowed, self.attn_impl, cache, attn_ctl, is_causal)
+        if cache is not None:
+            cache.pos += input_ids.shape[1]
+        return x if return_hidden else self.lm_head(x)
 
-        steps = torch.arange(T, device=dev)
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, check: bool = True):
+        """The vision merge: token embeddings with the vision tower's features scattered, in image
+        order, into the <|image_pad|> slots. (`check=False` skips counting the slots of an
+        image-free call: decode steps, no host sync.)"""
+        x = self.model.embed_tokens(input_ids)
+        slots = input_ids == self.cfg.image_token_id
+        if pixel_values is None:
+            if check and bool(slots.any()):
+                raise ValueError("input_ids hold <|image_pad|> tokens but no pixel_values were given")
+            return x
+        n_slots = int(slots.sum())
+        feats = self.visual(pixel_values, image_grid_thw)  # (N/4, D)
+        if feats.shape[0] != n_slots:
+            raise ValueError(f"{feats.shape[0]} image features for {n_slots} <|image_pad|> tokens")
+        return x.masked_scatter(slots[..., None].expand_as(x), feats.to(x.dtype))
+
+    def rope_and_mask(self, input_ids, attention_mask, image_grid_thw, cache, dtype):
+        """M-RoPE cos, sin (B, T, d) in `dtype`, allowed (B, 1, T, Tk) and whether the plain causal
+        mask is enough (is_causal). With a cache, the T tokens take its next slots: a prefill
+        (the first call) sets rope_delta, a decode step continues at (cache index + rope_delta)."""
+        cfg = self.cfg
+        B, T = input_ids.shape
+        all_valid = attention_mask is None  # known without looking at the mask (no host sync)
+        mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if all_valid else attention_mask.bool()
+        steps = torch.arange(T, device=input_ids.device)
         q_idx = steps if cache is None else cache.pos + steps  # absolute (cache) index of each query
-        if not decoding:
-            position_ids, rope_delta = rope_index(input_ids, image_grid_thw, attention_mask, cfg)
+        if cache is None or not cache.prefilled:
+            position_ids, rope_delta = rope_index(input_ids, image_grid_thw, mask, cfg)
             if cache is not None:
                 cache.rope_delta, cache.prefilled = rope_delta, True
         else:  # decoding: cache index + rope_delta on all three axes
             position_ids = (q_idx[None, :] + cache.rope_delta[:, None]).expand(3, B, T)
-        cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, x.dtype)
+        cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, dtype)
 
         # allowed[b, 0, i, j]: query i may see key j (causal by absolute index, key not padding).
         # The diagonal is always allowed, so a padding query row never has zero keys (no NaN).
         if cache is not None:
             cache.write_idx = q_idx
-            cache.key_valid.index_copy_(1, q_idx, attention_mask)
+            cache.key_valid.index_copy_(1, q_idx, mask)
             key_valid, k_idx = cache.key_valid, cache.k_idx
         else:
-            key_valid, k_idx = attention_mask, q_idx
+            key_valid, k_idx = mask, q_idx
         allowed = (k_idx[None, :] <= q_idx[:, None])[None] & key_valid[:, None, :]
         allowed = (allowed | (k_idx[None, :] == q_idx[:, None])[None])[:, None]  # (B, 1, T, Tk)
         # Without a cache, a batch that is unpadded or right-padded needs only the causal mask for
         # its real tokens (padding keys come after them): SDPA can then use its flash kernels.
-        is_causal = cache is None and (all_valid or bool((attention_mask == (steps < attention_mask.sum(-1, keepdim=True))).all()))
-
-        for layer in self.model.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, allowed, self.attn_impl, cache, attn_ctl, is_causal,
-                               use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, allowed, self.attn_impl, cache, attn_ctl, is_causal)
-        x = self.model.norm(x)
-        if cache is not None:
-            cache.pos += T
-        return x if return_hidden else self.lm_head(x)
+        is_causal = cache is None and (all_valid or bool((mask == (steps < mask.sum(-1, keepdim=True))).all()))
+        return cos, sin, allowed, is_causal
 
     # ---------------------------------------------------------------------------- generation
 
@@ -685,78 +664,82 @@ class Qwen2_5_VL(nn.Module):
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  stop_ids=None, pad_id: int | None = None, vocab_limit: int | None = None,
                  banned_ids=None, num_samples: int = 1, attn_ctl_factory=None, compile: bool = False):
-        """Decode a batch of prompts with a pre-allocated KV cache.
+        """Decode a batch of prompts with a pre-allocated KV cache: `prefill` once, then `decode`.
 
         prompts: list of 1-D LongTensors (ragged; each may contain <|image_pad|> runs).
         pixel_values / image_grid_thw: all prompts' images concatenated in prompt order, as the
             image processor returns them. The vision tower runs once, in the prefill.
         temperature 0 is greedy; otherwise softmax(logits / temperature) restricted to the top-p
             nucleus, drawn from a torch.Generator seeded with `seed` (same seed, same samples).
-        stop_ids: a row ends after emitting one of these (the stop token is kept and counted);
-            default <|im_end|> and <|endoftext|> (eos and bos ids of the config). pad_id: default
-            <|endoftext|>, used for left padding and after each row's end.
-        vocab_limit: ids >= this (Qwen pads its embedding matrix past the tokenizer) are never drawn.
-        banned_ids: ids never drawn; default the vision placeholders (<|image_pad|>, <|video_pad|>,
-            <|vision_start|>, <|vision_end|>), which a reply cannot contain (fed back, an
-            <|image_pad|> would claim an image slot).
-        num_samples: continuations per prompt, all from one prefill (the cache is copied after it);
-            the rows come out prompt-major: row p * num_samples + i is sample i of prompt p.
+        stop_ids: a row ends after emitting one of these (kept and counted); default <|im_end|> and
+            <|endoftext|> (eos and bos of the config). pad_id (default <|endoftext|>): left padding
+            and what follows each row's end.
+        Never drawn: ids >= vocab_limit (Qwen pads its embedding matrix past the tokenizer) and
+            banned_ids, by default the vision placeholders, which a reply cannot contain (fed back,
+            an <|image_pad|> would claim an image slot).
+        num_samples: continuations per prompt from one prefill (the cache is copied after it), rows
+            prompt-major: row p * num_samples + i is sample i of prompt p.
         attn_ctl_factory(cache_len, ids (B, L), mask (B, L)) -> attn_ctl, for the intervention during
-            generation: called with the cache length and the left-padded prompts, it must return a
-            controller whose key_scale covers all cache_len keys.
+            generation: given the cache length and the left-padded prompts, it returns a controller
+            whose key_scale covers all cache_len keys.
         compile: run the one-token decode step through torch.compile (worth it on a GPU).
-        Returns (tokens (B * num_samples, max_new_tokens) padded with pad_id after each row's end,
-        lengths (B * num_samples,)).
+        Returns (tokens (B * num_samples, max_new_tokens), pad_id after each row's end; lengths).
         """
-        dev = self.lm_head.weight.device
-        if stop_ids is None:
-            stop_ids = (self.cfg.eos_token_id, self.cfg.bos_token_id)
-        if pad_id is None:
-            pad_id = self.cfg.bos_token_id
-        B = len(prompts)
-        L = max(len(p) for p in prompts)
+        c, dev = self.cfg, self.lm_head.weight.device
+        stop_ids = (c.eos_token_id, c.bos_token_id) if stop_ids is None else stop_ids
+        pad_id = c.bos_token_id if pad_id is None else pad_id
+        if banned_ids is None:
+            banned_ids = (c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id)
+        B, L = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((B, L), pad_id, dtype=torch.long, device=dev)
         mask = torch.zeros(B, L, dtype=torch.bool, device=dev)
         for b, p in enumerate(prompts):  # left padding: every prompt ends at index L - 1
-            ids[b, L - len(p):] = p.to(dev)
-            mask[b, L - len(p):] = True
-        cache = KVCache(self.cfg, B, L + max_new_tokens, self.lm_head.weight.dtype, dev)
+            ids[b, L - len(p):], mask[b, L - len(p):] = p.to(dev), True
+        cache = KVCache(c, B, L + max_new_tokens, self.lm_head.weight.dtype, dev)
         ctl = attn_ctl_factory(cache.max_len, ids, mask) if attn_ctl_factory is not None else None
         if num_samples > 1 and ctl is not None:
             raise ValueError("num_samples > 1 with an attention controller: repeat the prompts instead")
         gen = None
         if temperature > 0:
-            gen = torch.Generator(device=dev)
-            gen.manual_seed(seed if seed is not None else torch.seed())
-        if banned_ids is None:
-            c = self.cfg
-            banned_ids = (c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id)
-        blocked = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=dev)  # never drawn
+            gen = torch.Generator(device=dev).manual_seed(seed if seed is not None else torch.seed())
+        blocked = torch.zeros(c.vocab_size, dtype=torch.bool, device=dev)  # ids never drawn
         blocked[list(banned_ids)] = True
         if vocab_limit is not None:
             blocked[vocab_limit:] = True
+        draw = partial(sample_next, temperature=temperature, top_p=top_p, gen=gen, blocked=blocked)
+
+        logits = self.prefill(ids, mask, pixel_values, image_grid_thw, cache, ctl)
+        if num_samples > 1:
+            cache, logits = cache.repeat_interleave(num_samples), logits.repeat_interleave(num_samples, dim=0)
+        return self.decode(logits, cache, draw, max_new_tokens, stop_ids, pad_id, ctl, compile)
+
+    def prefill(self, ids, mask, pixel_values, image_grid_thw, cache: KVCache, attn_ctl=None):
+        """The left-padded prompts (B, L) and their images into the empty `cache` -> next-token
+        logits (B, V): the head runs on the last position only."""
+        hidden = self(ids, mask, pixel_values, image_grid_thw, cache=cache, attn_ctl=attn_ctl, return_hidden=True)
+        return self.lm_head(hidden[:, -1])
+
+    def decode(self, logits, cache: KVCache, draw, max_new_tokens: int, stop_ids, pad_id: int,
+               attn_ctl=None, compile: bool = False):
+        """The decode loop: draw a token per row from logits (B, V), feed it through `decode_step`
+        (compiled with `compile`, unless an attention controller runs Python in it), until every
+        row has emitted a stop id or max_new_tokens are drawn. -> (tokens (B, max_new_tokens),
+        pad_id after each row's end; lengths (B,))."""
+        step = self._compiled_decode_step() if compile and attn_ctl is None else self.decode_step
+        B, dev = logits.shape[0], logits.device
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
         # Asking "are all rows done?" waits for the device; on a GPU ask every 16 steps only.
         check_every = 1 if dev.type == "cpu" else 16
-        decode = self.decode_step if ctl is not None or not compile else self._compiled_decode_step()
-
-        hidden = self(ids, mask, pixel_values, image_grid_thw, cache=cache, attn_ctl=ctl, return_hidden=True)
-        logits = self.lm_head(hidden[:, -1])  # the prompt's last position only
-        if num_samples > 1:
-            cache, logits = cache.repeat_interleave(num_samples), logits.repeat_interleave(num_samples, dim=0)
-        N = B * num_samples
-        out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-        lengths = torch.zeros(N, dtype=torch.long, device=dev)
-        done = torch.zeros(N, dtype=torch.bool, device=dev)
-        for step in range(max_new_tokens):
-            tok = sample_next(logits.float(), temperature, top_p, gen, blocked)
-            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-            out[:, step] = tok
-            lengths += (~done).long()
+        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+        lengths = torch.zeros(B, dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        for i in range(max_new_tokens):
+            out[:, i] = tok = torch.where(done, pad_id, draw(logits.float()))
+            lengths += ~done
             done |= torch.isin(tok, stops)
-            if step + 1 == max_new_tokens or ((step + 1) % check_every == 0 and bool(done.all())):
+            if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and bool(done.all())):
                 break
-            logits = decode(tok[:, None], cache, ctl)
+            logits = step(tok[:, None], cache, attn_ctl)
         return out, lengths
 
     def decode_step(self, tok, cache: KVCache, attn_ctl=None):
@@ -765,7 +748,7 @@ class Qwen2_5_VL(nn.Module):
         return self(tok, None, cache=cache, attn_ctl=attn_ctl)[:, -1]
 
     def _compiled_decode_step(self):
-        if getattr(self, "_decode_compiled", None) is None:
+        if getattr(self, "_decode_compiled", None) is None:  # compiled once per model
             self._decode_compiled = torch.compile(self.decode_step, fullgraph=True, dynamic=False)
         return self._decode_compiled
 
