@@ -91,7 +91,31 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from model import UserError, run_cli
+
+# --------------------------------------------------------------------------------------------
+# User errors: a message, not a traceback
+# --------------------------------------------------------------------------------------------
+
+
+class UserError(ValueError):
+    """A problem with what the user gave (a file, a folder, an argument), not a bug of this code:
+    the scripts print its message, which names the file (and line), without a traceback. A
+    ValueError, as these problems were before the class existed."""
+
+
+def run_cli(main):
+    """Run a script's main(): a UserError ends it with `error: <message>` on stderr and exit
+    status 1 (argparse keeps 2 for a bad command line); any other exception (a bug) keeps its traceback."""
+    try:
+        main()
+        return
+    except UserError as e:
+        message = f"error: {e}"
+    # Printed after the except block has freed the traceback, so that objects of the failed run
+    # (a progress bar closing itself) have written their last line and the message comes last.
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(1)
+
 
 SYSTEM, IMAGE, USER, RESPONSE = 0, 1, 2, 3
 PAD_ROLE = -1  # padding positions in a batch

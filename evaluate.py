@@ -420,7 +420,8 @@ import os  # noqa: E402
 import torch  # noqa: E402
 
 from data import PAD_ROLE, DataError, ImageProcessor, Tokenizer, encode_chat  # noqa: E402
-from model import UserError, from_pretrained, run_cli  # noqa: E402
+from data import UserError, run_cli  # noqa: E402
+from model import from_pretrained  # noqa: E402
 from vas import Intervention, measure_vas, parse_layers  # noqa: E402
 from vas import vas as vas_of_stats  # noqa: E402
 

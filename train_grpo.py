@@ -325,7 +325,7 @@ import evaluate  # noqa: E402
 import grading  # noqa: E402
 from data import (IMAGE_PLACEHOLDER, PAD_ROLE, RESPONSE, DataError, ImageProcessor, Tokenizer,  # noqa: E402
                   answer_text, encode_chat, epoch_batches, image_tokens, normalize_record, read_records)
-from model import UserError  # noqa: E402
+from data import UserError, run_cli  # noqa: E402
 
 
 def build_parser():
@@ -1153,5 +1153,4 @@ def train(args, dctx, reward_fn=None):
 
 
 if __name__ == "__main__":
-    from model import run_cli
     run_cli(main)

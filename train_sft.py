@@ -65,7 +65,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data-loader workers 
 import vas  # noqa: E402
 from data import (IGNORE, IMAGE, DataError, ImageProcessor, SFTDataset, Tokenizer, collate, epoch_batches,
                   micro_batches)
-from model import UserError, check_model_folder, from_pretrained, run_cli, save_pretrained  # noqa: E402
+from data import UserError, run_cli  # noqa: E402
+from model import check_model_folder, from_pretrained, save_pretrained  # noqa: E402
 
 parser = argparse.ArgumentParser(description="Cold-start SFT of Qwen2.5-VL with the attention-guided objective",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)

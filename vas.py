@@ -52,7 +52,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from data import IMAGE, PAD_ROLE, RESPONSE, ROLE_NAMES, SYSTEM, USER
-from model import UserError, attention_probs, run_cli
+from data import UserError, run_cli
+from model import attention_probs
 
 N_ROLES = 4  # SYSTEM, IMAGE, USER, RESPONSE: the last axis of every role-mass tensor
 CHUNK_ELEMS = 2 ** 24  # default chunk: rows such that one chunk's (B, H, rows, Tk) holds ~16M values
