@@ -9,6 +9,11 @@ Q = U + V the user-turn query tokens, V the image tokens, S the system tokens (d
     L_suppress = (1 / N_img) sum_{samples b with images}  (1/|L|) sum_l (1/H) sum_h log( (1/(|Q||S|)) sum_{q in Q, k in S} A^{l,h}_{q,k} + eps )
     L          = L_LM + alpha * L_enhance + beta * L_suppress        (paper: alpha = beta = 0.15, eps = 1e-6)
 
+--agto-sys-floor F puts a floor under the suppressed mass: with s the system turn's share of a
+query's attention, the paper's log(s/|S| + eps) above F, its mirror image below (vas.AttentionGuidedLoss);
+metrics.jsonl logs s (`sys_share`) and the fraction of cells at or below the floor (`at_floor`),
+and the log warns when most are.
+
 N_tok and N_img are counted over the WHOLE step (all micro-batches, all processes: counted first,
 all-reduced) and every micro-batch's SUMS are divided by them, so the step's loss is the token mean
 (and the image-sample mean), not a mean of micro-batch means. Samples without images add only to
@@ -89,8 +94,8 @@ parser.add_argument("--agto-beta", type=float, default=0.15, help="weight of L_s
 parser.add_argument("--agto-layers", default=None, help="layers of the objective, e.g. 0-7 or 0,4,8 (default: all)")
 parser.add_argument("--agto-eps", type=float, default=1e-6, help="eps inside the suppress log")
 parser.add_argument("--agto-sys-floor", type=float, default=0.0,
-                    help="hinge of L_suppress: no push once the system turn's share of the user turn's attention "
-                         "is below this (0: the paper's formula; see vas.AttentionGuidedLoss)")
+                    help="floor of L_suppress: it pulls the system turn's share of the user turn's attention back "
+                         "up below this (0: the paper's formula; see vas.AttentionGuidedLoss)")
 parser.add_argument("--agto-chunk", type=int, default=None, help="query rows per attention chunk (default: ~16M probabilities)")
 parser.add_argument("--ce-chunk", type=int, default=2048, help="response tokens per logits chunk of the LM loss")
 # optimisation
@@ -638,7 +643,7 @@ def train(args, rank, world, device, use_fsdp):
             history.append(row)
             if rank == 0 and r["at_floor"] is not None and r["at_floor"] > 0.5 and floor_warned < step - 50:
                 floor_warned = step  # at most one warning per 50 steps
-                what = (f"--agto-sys-floor {args.agto_sys_floor}: L_suppress no longer pushes there"
+                what = (f"--agto-sys-floor {args.agto_sys_floor} (or below): L_suppress pulls it back up there"
                         if args.agto_sys_floor > 0 else
                         f"the eps floor ({args.agto_eps:g}): the system turn has lost its attention, VAS reads "
                         f"{r['vas']:.3g} and no longer measures anything; consider --agto-sys-floor")

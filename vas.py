@@ -46,6 +46,7 @@ CLI (VAS of one image + question, per-layer table, heatmap of attention on the i
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -396,7 +397,7 @@ class GuidedTerms:
     vas_sum: float  # detached VAS (1) summed over the counted samples, for logging
     vas_n: int
     sys_share_sum: float = 0.0  # detached system share (1/|Q|) sum_q sum_{k in S} A, mean over l, h; summed over image samples
-    floor_n: float = 0.0  # (sample, layer, head) cells at the floor, summed over image samples as a fraction of L * H
+    floor_n: float = 0.0  # fraction of query rows (over layers, heads) at the floor, summed over image samples
 
     @property
     def enhance(self):
@@ -420,19 +421,24 @@ class AttentionGuidedLoss(AttentionStats):
     samples without image tokens contribute nothing. A sample with image tokens but no system turn
     has nothing to suppress: its suppress term is 0. Works with model.set_gradient_checkpointing.
 
-    sys_floor (default 0: the paper's formula) is a hinge on the suppressed mass. With
-    s = (1/|Q|) sum_q sum_{k in S} A_qk, the share of the user turn's attention on the system turn
-    in one layer and head, the suppress term becomes
+    sys_floor = f (default 0: the paper's formula) is a floor under the suppressed mass. With
+    s_q = sum_{k in S} A_qk the share of query q's attention on the system turn and s its mean over
+    Q (one layer, one head), the suppress term of a layer and head becomes
 
-        log( max(s, sys_floor) / |S| + eps )
+        log( max(s, f) / |S| + eps )  +  (1/|Q|) sum_{q in Q} relu( log(f + eps) - log(s_q + eps) )
 
-    equal to the paper's while s >= sys_floor and constant (no gradient) below it. Why: L_suppress
-    = log(s/|S| + eps) has gradient 1 / (s + eps |S|) in s, so the push grows as s falls, and on
-    its own the term drives s to its eps floor (s ~ |S| eps), where VAS = V/S reads 1e6-1e11 and
-    measures nothing. On Qwen2.5-VL-7B the system turn is a strong sink and the paper reports VAS
-    7.5 -> 13.8 with the objective: s falls by a factor ~2 and stays orders of magnitude above
-    |S| eps (~2e-5). A floor at a fraction of the base model's s keeps a small model in that
-    regime. `terms()` reports the share and how much of it sits at the floor (eps or sys_floor).
+    the paper's term exactly while every query keeps at least f on the system turn; the push stops
+    once the mean reaches f, and each query below f is pulled back up (gradient -1/s_q).
+    Why: log(s/|S| + eps) has gradient 1 / (s + eps |S|), so the push grows as s falls and drives
+    it to its eps floor (s ~ |S| eps), where VAS = V/S reads 1e6-1e11 and measures nothing.
+    Measured on the toy (alpha = beta = 0.15, f = 0.25): with only the hinge on the mean, L_enhance
+    still lowers s through the softmax (0.53 -> 0.13, VAS 6e6: VAS averages V/S per query, and
+    some queries reach S ~ 0); with only the pull per query, the paper's push on the mean wins
+    (s 0.07, VAS 65); with both, s stays at the floor. On Qwen2.5-VL-7B the system turn is a strong
+    sink and the paper reports VAS 7.5 -> 13.8 with the objective: the system share falls by a
+    factor ~2 and stays orders of magnitude above the eps floor. A floor at half the base model's
+    share keeps a small model in that regime. `terms()` reports the mean share and the fraction
+    of query rows at or below the floor (f, or 10 |S| eps).
     """
 
     def __init__(self, roles, layers=None, chunk_size: int | None = None, eps: float = 1e-6, intervention=None,
@@ -455,18 +461,24 @@ class AttentionGuidedLoss(AttentionStats):
         # torch.where before the log: a sample without image tokens never takes log(0) (nor its grad)
         one = torch.ones_like(mean_v)
         enhance = -torch.log(torch.where(has_img[:, None, None], mean_v, one)).mean((1, 2))  # (B,)
-        floor = (self.sys_floor / ns.clamp(min=1))[:, None, None]  # the floor of mean_s (B, 1, 1)
+        s_q = m[..., SYSTEM]  # (B, L, H, N): each query's share on the system turn
+        qmask = valid[:, None, None, :].to(m.dtype)
         if self.sys_floor > 0:
-            mean_s = torch.maximum(mean_s, floor)  # the hinge: no gradient below the floor
-        suppress = torch.log(mean_s + self.eps).mean((1, 2))
+            # no push once the mean share reaches the floor, and a pull back up on each query below it
+            mean_s = torch.maximum(mean_s, (self.sys_floor / ns.clamp(min=1))[:, None, None])
+            below = torch.relu(math.log(self.sys_floor + self.eps) - torch.log(s_q + self.eps))
+            pull = (below * qmask).sum(-1) / nq.clamp(min=1)[:, None, None]  # (B, L, H)
+        else:
+            pull = torch.zeros_like(mean_s)
+        suppress = (torch.log(mean_s + self.eps) + pull).mean((1, 2))  # (B,)
         suppress = torch.where(has_sys, suppress, torch.zeros_like(suppress))
         w = has_img.to(m.dtype)
         v = vas(self, layers=layers)
-        share = (total[..., SYSTEM] / nq.clamp(min=1)[:, None, None]).detach()  # s per (B, L, H)
-        # at the floor: within 1% of sys_floor (the hinge holds it there), or below 10 |S| eps (the
-        # eps floor of the paper's formula: the system turn has lost all its attention)
-        low = torch.maximum(torch.full_like(share, 1.01 * self.sys_floor), 10 * self.eps * ns[:, None, None])
-        at_floor = (share <= low).float().mean((1, 2))
+        share = (total[..., SYSTEM] / nq.clamp(min=1)[:, None, None]).detach()  # mean s per (B, L, H)
+        # at the floor: at most 1% above sys_floor (or below it), or below 10 |S| eps (the eps floor
+        # of the paper's formula: the system turn has lost that query's attention)
+        low = torch.maximum(torch.full_like(ns, 1.01 * self.sys_floor), 10 * self.eps * ns)[:, None, None, None]
+        at_floor = (((s_q.detach() <= low).to(m.dtype) * qmask).sum(-1) / nq.clamp(min=1)[:, None, None]).mean((1, 2))
         sel = has_img & has_sys
         return GuidedTerms(enhance_sum=(enhance * w).sum(), suppress_sum=(suppress * w).sum(),
                            n_image=int(has_img.sum()),

@@ -11,13 +11,13 @@ reads images and has an attention sink on the system turn before any cold-start)
     sft_text_only     the same chains without their images (toy/sft_text_only.jsonl)
     sft_avar          LM loss + alpha L_enhance + beta L_suppress (alpha = beta = 0.15, the paper's)
                       on the visual-anchored records of the synthesis path (toy/sft_anchored.jsonl:
-                      data.synthesize with data.ToyTeacher), with the hinge --agto-sys-floor
+                      data.synthesize with data.ToyTeacher), with the floor --agto-sys-floor
     grpo_plain        GRPO from sft_multimodal, r = r_acc + 0.1 r_format
     grpo_visual       GRPO from sft_avar, r = r_acc + 0.3 r_visual + 0.1 r_format, r_visual in its
                       bounded form (--visual-form share)
 and three ablations that measure the other choices:
     sft_anchored      the anchored records with the LM loss only (the data synthesis alone)
-    sft_avar_paper    sft_avar without the hinge (the paper's formula, sys floor 0)
+    sft_avar_paper    sft_avar without the floor (the paper's formula)
     grpo_visual_ratio grpo_visual with the paper's unbounded r_visual (--visual-form ratio)
 
 Each checkpoint is evaluated on the held-out problems (greedy; accuracy overall and per family,
@@ -166,7 +166,7 @@ def probe(model_dirs, n_train=600, n_test=300, seed=0, steps=300):
 
 def system_share(model_dir, toy, n=64):
     """Mean share of the user turn's attention that goes to the system turn (over layers, heads,
-    query tokens and n held-out prompts): the quantity the hinge --agto-sys-floor bounds."""
+    query tokens and n held-out prompts): the quantity --agto-sys-floor bounds."""
     import torch
 
     import data
@@ -315,7 +315,7 @@ def readme_section(res):
         lines.append(f"| {model} | " + " | ".join(f"{v['concat']:.0f} | {v['mean']:.0f}" for v in props.values()) + " |")
     b = res["bounded"]
     lines += ["", f"System share of the user turn's attention (base models, mean over seeds): "
-              f"{b['base_sys_share']['mean']:.3f}; the hinge holds it at >= {b['sys_floor']} in sft_avar. "
+              f"{b['base_sys_share']['mean']:.3f}; sft_avar floors it at {b['sys_floor']} (--agto-sys-floor). "
               f"Fraction of (sample, layer, head) cells at the floor over the last 20 training steps: sft_avar "
               f"{b['at_floor']['sft_avar']['mean']:.2f}, sft_avar_paper {b['at_floor']['sft_avar_paper']['mean']:.2f}; "
               f"system share there: sft_avar {b['final_sys_share']['sft_avar']['mean']:.2e}, sft_avar_paper "
@@ -350,7 +350,7 @@ def main():
     ap.add_argument("--sft-epochs", type=float, default=3)
     ap.add_argument("--sft-lr", type=float, default=5e-4)
     ap.add_argument("--agto", type=float, default=0.15, help="alpha = beta of the objective (the paper's 0.15)")
-    ap.add_argument("--sys-floor", type=float, default=0.25, help="the hinge of sft_avar (--agto-sys-floor)")
+    ap.add_argument("--sys-floor", type=float, default=0.25, help="the floor of sft_avar (--agto-sys-floor)")
     ap.add_argument("--grpo-steps", type=int, default=40)
     ap.add_argument("--grpo-lr", type=float, default=1e-4)
     ap.add_argument("--a-img", type=float, nargs="+", default=[0.0, 0.15])

@@ -133,7 +133,7 @@ def tiny_sft(tmp_path_factory):
 
 
 @pytest.mark.parametrize("flags,expect", [
-    (["--agto-sys-floor", "0.99"], "--agto-sys-floor 0.99"),  # every cell below the hinge
+    (["--agto-sys-floor", "0.99"], "--agto-sys-floor 0.99"),  # every cell below the floor
     (["--agto-eps", "0.5"], "the eps floor"),  # 10 |S| eps above every share: the paper's formula at its floor
 ])
 def test_sft_warns_when_the_system_mass_sits_at_its_floor(tiny_sft, tmp_path, capsys, flags, expect):
