@@ -23,15 +23,20 @@ called at the end of each decoder layer; under activation checkpointing the laye
 backward and the call repeats, so a controller records the first call per layer and ignores the
 replay (the replay must still run its computation so that autograd finds its saved tensors).
 
-Generation (`generate`) left-pads a batch of prompts into a pre-allocated KV cache, runs the vision
-tower once per prompt, and decodes greedily or by temperature / top-p sampling until a stop token.
+Generation: `generate` left-pads a batch of prompts into a pre-allocated KV cache (`KVCache`), then
+`prefill` runs the prompts and their images (the vision tower once) through it and `decode` draws
+one token per row at a time (`decode_step`, compiled as one graph with `compile`), greedily or by
+temperature / top-p sampling (`sample_next`), until every row has emitted a stop token.
+
+Hub folders are read and written through hub.py (safetensors, shards, `latest` of a training run):
+`from_pretrained` builds the model on the meta device and fills it tensor by tensor,
+`save_pretrained` writes config.json and the weights as transformers writes them.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -42,7 +47,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from data import UserError
-
+from hub import (check_model_folder, check_tensor_table, checkpoint_files, iter_safetensors, normalise_name,
+                 tensor_table, write_model_folder)
+from hub import config_dtype, replace_dir, resolve_checkpoint  # noqa: F401  (re-exported for their callers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -773,109 +780,6 @@ def init_weights(model: Qwen2_5_VL, std: float = 0.02, seed: int = 0) -> Qwen2_5
 # Loading and saving Hugging Face checkpoints
 # --------------------------------------------------------------------------------------------
 
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
-def _normalise_name(name: str) -> str:
-    """Newer files name `model.visual.*` / `model.language_model.*`; the hub layout is `visual.*` / `model.*`."""
-    if name.startswith("model.visual."):
-        return name[len("model."):]
-    if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model."):]
-    return name
-
-
-def read_safetensors_header(path: str):
-    """The tensor table of a .safetensors file and where its data starts; a file that is not one,
-    or ends before its last tensor (an interrupted download or copy), is a UserError."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        try:
-            if n > size - 8:
-                raise ValueError(f"header of {n} bytes in a file of {size}")
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise UserError(f"{path}: not a safetensors file ({e})") from None
-    header.pop("__metadata__", None)
-    end = max((meta["data_offsets"][1] for meta in header.values()), default=0)
-    if 8 + n + end > size:
-        raise UserError(f"{path}: truncated: {size} bytes, its tensors need {8 + n + end}"
-                        " (an interrupted download or copy?)")
-    return header, 8 + n
-
-
-def iter_safetensors(path: str):
-    """Yield (name, tensor) from one .safetensors file, reading each tensor straight into its own
-    buffer with plain file reads: no memory map, no float32 detour, one tensor in flight at a time."""
-    header, base = read_safetensors_header(path)
-    with open(path, "rb") as f:
-        for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            start, end = meta["data_offsets"]
-            dtype = _ST_DTYPES.get(meta["dtype"])
-            if dtype is None:
-                raise ValueError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
-            t = torch.empty(meta["shape"], dtype=dtype)
-            buf = t.view(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-            if buf.numel() != end - start:
-                raise ValueError(f"{path}: tensor {name} has {end - start} bytes, expected {buf.numel()}")
-            f.seek(base + start)
-            if end > start and f.readinto(memoryview(buf.numpy())) != end - start:
-                raise ValueError(f"{path}: file ends inside tensor {name}")
-            yield name, t
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A model folder, or a training run's folder whose `latest` file names its newest checkpoint."""
-    latest = os.path.join(path, "latest")
-    if not os.path.exists(os.path.join(path, "config.json")) and os.path.isfile(latest):
-        with open(latest) as f:
-            return os.path.join(path, f.read().strip())
-    return path
-
-
-def check_model_folder(path: str) -> str:
-    """resolve_checkpoint(path), which must be a model folder (config.json); a UserError otherwise."""
-    d = resolve_checkpoint(path)
-    if not os.path.isdir(d):
-        raise UserError(f"{path}: no such model folder")
-    if not os.path.exists(os.path.join(d, "config.json")):
-        raise UserError(f"{d}: not a model folder (no config.json) nor a training run's folder (no `latest`)")
-    return d
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def config_dtype(path: str) -> torch.dtype:
-    """The weights' dtype a hub folder states in config.json: `dtype` (transformers 5) or
-    `torch_dtype` (4.x), top level first, then `text_config`; float32 when it states none (as
-    transformers reads such a folder)."""
-    with open(os.path.join(path, "config.json")) as f:
-        d = json.load(f)
-    for c in (d, d.get("text_config") or {}):
-        for key in ("dtype", "torch_dtype"):
-            if c.get(key) is not None:
-                name = str(c[key]).removeprefix("torch.")
-                if name not in DTYPES:
-                    raise ValueError(f"{path}/config.json: {key} {c[key]!r} is none of {sorted(DTYPES)}")
-                return DTYPES[name]
-    return torch.float32
-
-
-def checkpoint_files(path: str):
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return [os.path.join(path, s) for s in sorted(set(weight_map.values()))]
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(single):
-        return [single]
-    raise UserError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
-
 
 def from_pretrained(path: str, dtype=torch.bfloat16, device="cpu") -> Qwen2_5_VL:
     """Build the model from a Hugging Face folder (config.json + safetensors, single or sharded),
@@ -891,9 +795,7 @@ def from_pretrained(path: str, dtype=torch.bfloat16, device="cpu") -> Qwen2_5_VL
     except (ValueError, TypeError, KeyError) as e:  # not JSON, or not a Qwen2.5-VL config
         raise UserError(f"{path}/config.json: {e}") from None
     files = checkpoint_files(path)
-    names = {}
-    for fp in files:
-        names.update({_normalise_name(n): meta for n, meta in read_safetensors_header(fp)[0].items()})
+    names = tensor_table(files)
     if "lm_head.weight" not in names:  # the rule of the reference: no lm_head in the files means tied
         cfg.tie_word_embeddings = True
     with torch.device("meta"):
@@ -902,17 +804,11 @@ def from_pretrained(path: str, dtype=torch.bfloat16, device="cpu") -> Qwen2_5_VL
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
         names.pop("lm_head.weight", None)  # a tied file may still carry a copy; the embedding wins
-    missing = sorted(set(expected) - set(names))
-    unexpected = sorted(set(names) - set(expected))
-    mismatched = sorted(f"{n}: file {tuple(names[n]['shape'])} vs model {expected[n]}"
-                        for n in set(names) & set(expected) if tuple(names[n]["shape"]) != expected[n])
-    if missing or unexpected or mismatched:
-        raise UserError(f"{path}: checkpoint does not match config.json\n  missing: {missing}\n"
-                         f"  unexpected: {unexpected}\n  shape mismatch: {mismatched}")
+    check_tensor_table(path, names, expected)
     modules = dict(model.named_modules())
     for fp in files:
         for name, t in iter_safetensors(fp):
-            name = _normalise_name(name)
+            name = normalise_name(name)
             if name not in expected:
                 continue
             mod_name, _, leaf = name.rpartition(".")
@@ -931,61 +827,12 @@ def save_pretrained(model: Qwen2_5_VL, path: str, max_shard_bytes: int = 5 * 2**
     `dtype` (default: as they are) and config.json states it (`dtype`, and `torch_dtype` for
     transformers 4.x readers). Writes into a temporary folder first and renames it into place, so a
     crash never leaves a half-written checkpoint at `path`."""
-    from safetensors.torch import save_file
-
     sd = state_dict if state_dict is not None else model.state_dict()
     if model.cfg.tie_word_embeddings:
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
     if dtype is None:
         dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
-    dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
-    tmp = path.rstrip("/") + ".tmp"
-    if os.path.exists(tmp):
-        import shutil
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    config = model.cfg.to_dict()
-    config["dtype"] = config["torch_dtype"] = dtype_name
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    shards, cur, size = [], {}, 0
-    for name in sorted(sd):
-        t = sd[name].detach().contiguous().cpu()
-        if t.is_floating_point():
-            t = t.to(dtype)
-        nbytes = t.numel() * t.element_size()
-        if cur and size + nbytes > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[name] = t
-        size += nbytes
-    shards.append(cur)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-            weight_map.update({n: fname for n in shard})
-            total += sum(t.numel() * t.element_size() for t in shard.values())
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    replace_dir(tmp, path)
-
-
-def replace_dir(src: str, dst: str):
-    """Move folder `src` to `dst`, replacing an old `dst` only after `src` is complete."""
-    import shutil
-    if os.path.exists(dst):
-        old = dst.rstrip("/") + ".old"
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        os.rename(dst, old)
-        os.rename(src, dst)
-        shutil.rmtree(old)
-    else:
-        os.rename(src, dst)
+    write_model_folder(path, model.cfg.to_dict(), sd, dtype, max_shard_bytes)
 
 
 Qwen2_5_VL.from_pretrained = staticmethod(from_pretrained)

@@ -8,7 +8,7 @@ A^{l,h}_{i,j} is the post-softmax attention of query i on key j in layer l, head
     VAS_i(l,h) = sum_{j in V} A_ij / sum_{j in S} A_ij                                          (1)
     VAS        = 1/(L H |Q|) sum_l sum_h sum_{i in Q} VAS_i(l,h),  Q = U + V (the user turn)
                  per sample, then the mean over the samples that have image (and system) tokens.
-                 Bands: "narrow" < 10, "wide" 10-15, "panoramic" > 15.
+                 Bands (`band`): "narrow" < 10, "wide" 10-15, "panoramic" > 15.
     Z'_{l,h}   = Z_{l,h} * (1 + a_img M_img - a_sys M_sys)   (logits to image / system keys)     (3)
     L_enhance  = -(1/|L|) sum_l (1/H) sum_h log( 1/(|Q||V|) sum_{q in Q} sum_{k in V} A_qk )      (4b)
     L_suppress =  (1/|L|) sum_l (1/H) sum_h log( 1/(|Q||S|) sum_{q in Q} sum_{k in S} A_qk + eps )
@@ -49,12 +49,14 @@ import argparse
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from torch.utils.checkpoint import checkpoint
 
-from data import IMAGE, PAD_ROLE, RESPONSE, ROLE_NAMES, SYSTEM, USER
-from data import UserError, run_cli
-from model import attention_probs
+from data import (IMAGE, PAD_ROLE, RESPONSE, ROLE_NAMES, SYSTEM, USER, ImageProcessor, Tokenizer, UserError,
+                  encode_chat, load_image, run_cli)
+from model import attention_probs, from_pretrained
 
 N_ROLES = 4  # SYSTEM, IMAGE, USER, RESPONSE: the last axis of every role-mass tensor
 CHUNK_ELEMS = 2 ** 24  # default chunk: rows such that one chunk's (B, H, rows, Tk) holds ~16M values
@@ -108,10 +110,8 @@ def role_onehot(roles, Tk: int):
         raise ValueError(f"roles cover {roles.shape[1]} positions but the layer has {Tk} keys")
     if roles.shape[1] < Tk:
         roles = torch.cat([roles, roles.new_full((roles.shape[0], Tk - roles.shape[1]), PAD_ROLE)], 1)
-    hot = torch.zeros(*roles.shape, N_ROLES, dtype=torch.float32, device=roles.device)
-    real = roles >= 0
-    hot[real] = torch.nn.functional.one_hot(roles[real], N_ROLES).float()
-    return hot  # (B, Tk, 4)
+    real = roles >= 0  # PAD_ROLE keys: no role, all zero
+    return torch.nn.functional.one_hot(roles.clamp(min=0), N_ROLES).float() * real[..., None]  # (B, Tk, 4)
 
 
 def _chunk_probs(q, k, allowed, key_scale, rows):
@@ -293,7 +293,7 @@ class AttentionStats:
 def can_stop_early(model) -> bool:
     """Aborting a forward by exception is safe on a plain module, not under FSDP (its per-block
     hooks must run to reshard and to keep collectives in step)."""
-    try:
+    try:  # imported here: torch.distributed is not in every torch build
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
         return True
@@ -314,10 +314,12 @@ def run_forward(model, batch: dict, ctl):
 # --------------------------------------------------------------------------------------------
 
 
-def band(v: float) -> str:
-    if v != v:
-        return "undefined"
-    return "narrow" if v < 10 else ("wide" if v <= 15 else "panoramic")
+def band(v: float | None) -> str:
+    """The paper's reading of a VAS: "narrow" < 10, "wide" 10-15, "panoramic" > 15; "-" for no
+    value (None, or NaN when no sample counted)."""
+    if v is None or not math.isfinite(v):
+        return "-"
+    return "narrow" if v < 10 else "wide" if v <= 15 else "panoramic"
 
 
 @dataclass
@@ -450,8 +452,7 @@ class AttentionGuidedLoss(AttentionStats):
 
     def terms(self) -> GuidedTerms:
         m, layers = self.stacked(self.layers)  # (B, L, H, N, 4), differentiable
-        roles = self.roles.to(m.device)
-        valid = self.valid.to(m.device)
+        roles, valid = self.roles.to(m.device), self.valid.to(m.device)
         nq = valid.sum(1).float()  # |Q|
         nv, ns = (roles == IMAGE).sum(1).float(), (roles == SYSTEM).sum(1).float()  # |V|, |S|
         has_img, has_sys = nv > 0, ns > 0
@@ -546,18 +547,12 @@ def image_heatmaps(stats: AttentionStats, image_grid_thw, merge: int = 2, row: i
     km = torch.stack([stats.key_mass[l][row] for l in sorted(stats.key_mass)]).mean((0, 1))  # (Tk,)
     km = km / stats.valid[row].sum().clamp(min=1)
     img = km[: stats.roles.shape[1]][stats.roles[row].to(km.device) == IMAGE].cpu()  # image tokens, in order
-    maps, s = [], 0
-    for t, h, w in image_grid_thw.tolist():
-        n = t * (h // merge) * (w // merge)
-        maps.append(img[s:s + n].view(t, h // merge, w // merge).mean(0))
-        s += n
-    return maps
+    grids = [(t, h // merge, w // merge) for t, h, w in image_grid_thw.tolist()]  # merged grids
+    return [x.view(g).mean(0) for x, g in zip(img.split([t * lh * lw for t, lh, lw in grids]), grids)]
 
 
 def ramp(x):
     """The colour scale of the heatmaps: black -> red -> yellow -> white for x in [0, 1] (array)."""
-    import numpy as np
-
     return np.stack([np.clip(3 * x, 0, 1), np.clip(3 * x - 1, 0, 1), np.clip(3 * x - 2, 0, 1)], -1)
 
 
@@ -565,12 +560,9 @@ def heatmap_figure(image, heat, size: int = 336, title: str = ""):
     """A figure a person can read: the image, the attention map on its own (one block per merged
     token, nearest upsampling: no invented detail), the map over the image, and the colour scale
     from 0 to the largest value (attention per image token, mean over layers, heads and queries)."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
     h = heat.float()
-    lo, hi = 0.0, float(h.max())  # from 0: a flat map looks flat, not stretched to the full ramp
-    norm = ((h - lo) / max(hi - lo, 1e-12)).numpy()
+    hi = float(h.max())  # the scale runs from 0: a flat map looks flat, not stretched to the full ramp
+    norm = (h / max(hi, 1e-12)).numpy()
     pic = image.convert("RGB").resize((size, size), Image.NEAREST)
     blocks = Image.fromarray((ramp(norm) * 255).round().astype(np.uint8), "RGB").resize((size, size), Image.NEAREST)
     over = Image.blend(pic, blocks, 0.55)
@@ -591,7 +583,7 @@ def heatmap_figure(image, heat, size: int = 336, title: str = ""):
     for frac in (0.0, 0.5, 1.0):
         y = top + round((1 - frac) * (size - 1))
         d.line((x + bar_w, y, x + bar_w + 4, y), fill="black")
-        d.text((x + bar_w + 7, y - 5), f"{lo + frac * (hi - lo):.3g}", fill="black")
+        d.text((x + bar_w + 7, y - 5), f"{frac * hi:.3g}", fill="black")
     return fig
 
 
@@ -600,15 +592,10 @@ def parse_layers(specs, n_layers: int):
     if not specs:
         return None
     out = set()
-    for spec in specs:
-        for part in str(spec).split(","):
-            if not part:
-                continue
-            if "-" in part:
-                a, b = part.split("-")
-                out.update(range(int(a), int(b) + 1))
-            else:
-                out.add(int(part))
+    for part in ",".join(str(spec) for spec in specs).split(","):
+        if part:  # "a-b" or "a"
+            a, dash, b = part.partition("-")
+            out.update(range(int(a), int(b if dash else a) + 1))
     bad = [l for l in out if not 0 <= l < n_layers]
     if bad:
         raise ValueError(f"layers {sorted(bad)} outside 0..{n_layers - 1}")
@@ -632,22 +619,19 @@ def main(argv=None):
     args = p.parse_args(argv)
     print(f"config: {vars(args)}")
 
-    import data
-    from model import from_pretrained
-
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if dev.startswith("cuda") else "float32"))
     model = from_pretrained(args.model, dtype=dtype, device=dev).eval()
-    tok = data.Tokenizer(args.model)
-    proc = data.ImageProcessor.from_pretrained(args.model, max_pixels=args.max_pixels)
+    tok = Tokenizer(args.model)
+    proc = ImageProcessor.from_pretrained(args.model, max_pixels=args.max_pixels)
     try:
-        image = data.load_image(args.image)
+        image = load_image(args.image)
     except (OSError, ValueError) as e:  # missing, empty or undecodable: the message names the file
         raise UserError(str(e)) from None
     pv, grid = proc([image], names=[args.image])
     merge = model.cfg.vision.spatial_merge_size
-    enc = data.encode_chat(tok, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}],
-                           image_tokens=[int(grid[0].prod()) // merge ** 2], add_generation_prompt=True)
+    enc = encode_chat(tok, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}],
+                      image_tokens=[int(grid[0].prod()) // merge ** 2], add_generation_prompt=True)
     ids, roles = enc["input_ids"][None].to(dev), enc["roles"][None].to(dev)
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), roles=roles,
                  pixel_values=pv.to(dev, dtype), image_grid_thw=grid.to(dev))
@@ -662,8 +646,7 @@ def main(argv=None):
     m, _ = res.stats.stacked()
     valid = res.stats.valid.to(m.device)
     mean_mass = (m[0] * valid[0, None, None, :, None]).sum(2).mean(1) / valid[0].sum().clamp(min=1)  # (L, 4)
-    names = [ROLE_NAMES[r] for r in range(N_ROLES)]
-    print("layer      VAS  " + "  ".join(f"{'mass ' + n:>14}" for n in names))
+    print("layer      VAS  " + "  ".join(f"{'mass ' + ROLE_NAMES[r]:>14}" for r in range(N_ROLES)))
     for i, l in enumerate(res.layers):
         print(f"{l:5d} {res.per_layer[i]:8.4f}  " + "  ".join(f"{float(x):14.4f}" for x in mean_mass[i]))
     heat = image_heatmaps(res.stats, grid, merge)[0]

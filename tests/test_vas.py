@@ -15,7 +15,8 @@ import torch
 
 from conftest import TINY_IDS
 from data import IMAGE, PAD_ROLE, RESPONSE, SYSTEM, USER, Tokenizer, encode_chat, make_byte_tokenizer
-from model import KVCache, from_pretrained, save_pretrained, _normalise_name
+from hub import normalise_name
+from model import KVCache, from_pretrained, save_pretrained
 from vas import (AttentionGuidedLoss, AttentionStats, Intervention, measure_vas, query_mask, vas,
                  visual_reward)
 
@@ -234,7 +235,7 @@ def guided_reference(hf, batch, layers):
         grads = torch.autograd.grad(guided_total(enh, sup, n, logits, batch["attention_mask"].bool()), params)
         v = ref_vas([a.detach() for a in attns], batch["roles"], "user", layers)[0]
         _GUIDED_REF[key] = (enh.item(), sup.item(), n, v.item(),
-                            {_normalise_name(k): g for k, g in zip(names, grads)})
+                            {normalise_name(k): g for k, g in zip(names, grads)})
     return _GUIDED_REF[key]
 
 
