@@ -29,7 +29,6 @@ Run:
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -48,7 +47,8 @@ import vas
 from data import (IMAGE_PLACEHOLDER, PAD_ROLE, RESPONSE, DataError, ImageProcessor, Tokenizer, UserError,
                   answer_text, encode_chat, epoch_batches, image_tokens, normalize_record, read_records, run_cli)
 from model import check_model_folder, from_pretrained
-from training import Dist
+from rollouts import cat_images, generate_rollouts, generation_mode, rollout_seed
+from training import Dist, weights_checksum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,10 +297,10 @@ def aggregate(per_token, mask, mode="token_mean", total_tokens=None, num_seqs=No
 # One step, for `--prompts-per-step` prompts shared out over the processes (each prompt and its G
 # samples stay on one process, so a group never spans processes):
 #
-#   1. rollout    G samples per prompt with model.generate (KV cache; temperature, top-p; a seed made
-#                 from (seed, step, rank); ids >= tokenizer size never drawn). Under FSDP the
-#                 parameters are gathered once for the whole decode, so that processes whose
-#                 samples stop at different lengths issue no per-token collectives.
+#   1. rollout    G samples per prompt with model.generate (rollouts.py: KV cache; temperature,
+#                 top-p; a seed made from (seed, step, rank); ids >= tokenizer size never drawn).
+#                 Under FSDP the parameters are gathered once for the whole decode, so that
+#                 processes whose samples stop at different lengths issue no per-token collectives.
 #   2. rewards    r_acc = grade(extract_answer(text)), r_format = format_ok(text) (grading.py, the
 #                 graders of the evaluation); r_visual = vas.visual_reward over the response rows of
 #                 prompt + completion, computed for correct answers only; r = total_reward(...).
@@ -324,10 +324,10 @@ def aggregate(per_token, mask, mode="token_mean", total_tokens=None, num_seqs=No
 #
 # Multi-process design: training.py's, shared with train_sft.py (torchrun, RANK/WORLD_SIZE, gloo on
 # CPU, FSDP2 units per vision block and decoder layer, bf16 compute with float32 master weights,
-# atomic step_N checkpoints with a `latest` pointer, metrics.jsonl, NaN stop). Under FSDP every process must run
-# the same number of forwards and backwards: where processes hold different numbers of
-# micro-batches (correct answers for r_visual, --drop-zero-spread), the short ones run zero-weight
-# dummy micro-batches.
+# atomic step_N checkpoints with a `latest` pointer, metrics.jsonl, NaN stop). Under FSDP every
+# process must run the same number of forwards and backwards: where processes hold different
+# numbers of micro-batches (correct answers for r_visual, --drop-zero-spread), the short ones run
+# zero-weight dummy micro-batches (training.balanced_chunks).
 
 
 def build_parser():
@@ -516,84 +516,6 @@ class PromptDataset:
                 f" prompt tokens mean {sum(self.lengths) / len(self.lengths):.0f}, max {max(self.lengths)}")
 
 
-# ---------------------------------------------------------------------------------------------
-# rollouts
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Rollout:
-    """N = prompts x G sampled sequences of one process; a prompt's samples are consecutive."""
-    prompts: list  # N 1-D LongTensors (shared between a prompt's samples)
-    roles: list  # N 1-D role tensors of the prompts
-    pixel_values: list  # N tensors (n_i, 1176) or None
-    image_grid_thw: list  # N tensors (k_i, 3) or None
-    records: list  # N evaluate.py records (gold answers)
-    completions: torch.Tensor  # (N, max_new_tokens) sampled ids, pad after each row's end
-    lengths: torch.Tensor  # (N,) completion lengths, the stop token included
-    group_ids: torch.Tensor  # (N,) one exact id per prompt
-    texts: list  # N decoded completions (special tokens dropped)
-    stopped: torch.Tensor  # (N,) bool: ended on a stop token (not cut at max_new_tokens)
-
-
-def rollout_seed(seed, step, rank):
-    """A 63-bit sampling seed from (seed, step, rank): distinct for every process and step, and
-    the same when a resumed run redoes a step."""
-    h = hashlib.sha256(f"grpo/{seed}/{step}/{rank}".encode()).digest()
-    return int.from_bytes(h[:8], "little") & (2 ** 63 - 1)
-
-
-def _cat_images(pvs, grids, device):
-    pv = [x for x in pvs if x is not None]
-    gr = [g for g in grids if g is not None]
-    if not pv:
-        return None, None
-    return torch.cat(pv).to(device), torch.cat(gr).to(device)
-
-
-def _model_device(model):
-    return next(model.parameters()).device
-
-
-def generate_rollouts(model, tok, encs, group_ids, G, *, max_new_tokens, temperature, top_p, seed,
-                      gen_batch=0):
-    """Sample G completions of every encoded prompt in `encs` (dataset items); no grad.
-
-    group_ids: one id per prompt (its G samples share it). gen_batch: sequences per generate call
-    (0: all), rounded down to whole groups. Each prompt is prefilled once and its KV cache copied
-    G times (generate's num_samples). Chunk c is sampled with seed + c. Vision placeholders are
-    never sampled (generate bans them), so every completion can be fed back as text. Returns a
-    Rollout (tensors on the CPU).
-    """
-    dev = _model_device(model)
-    prompts, roles, pvs, grids, records, gids = [], [], [], [], [], []
-    for enc, gid in zip(encs, group_ids):
-        for _ in range(G):
-            prompts.append(enc["input_ids"])
-            roles.append(enc["roles"])
-            pvs.append(enc["pixel_values"])
-            grids.append(enc["image_grid_thw"])
-            records.append(enc["record"])
-            gids.append(int(gid))
-    N = len(prompts)
-    per_call = max(1, gen_batch // G) if gen_batch > 0 else len(encs)  # prompts per generate call
-    toks, lens = [], []
-    for c, s in enumerate(range(0, len(encs), per_call)):
-        chunk = encs[s:s + per_call]
-        pv, grid = _cat_images([e["pixel_values"] for e in chunk], [e["image_grid_thw"] for e in chunk], dev)
-        t, n = model.generate([e["input_ids"] for e in chunk], pv, grid, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_p=top_p, seed=(seed + c) % 2 ** 63, num_samples=G,
-                              stop_ids=tok.stop_ids, pad_id=tok.pad_id, vocab_limit=tok.vocab_size)
-        toks.append(t.cpu())
-        lens.append(n.cpu())
-    completions, lengths = torch.cat(toks), torch.cat(lens)
-    stops = torch.tensor(list(tok.stop_ids))
-    last = completions.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
-    stopped = (lengths > 0) & torch.isin(last, stops)
-    texts = [tok.decode_response(completions[i, :int(lengths[i])]) for i in range(N)]
-    return Rollout(prompts, roles, pvs, grids, records, completions, lengths,
-                   torch.tensor(gids, dtype=torch.long), texts, stopped)
-
-
 def pack_sequences(ro, idx, pad_id, device):
     """The training layout (see the top of this section) of rollout rows `idx`.
 
@@ -615,7 +537,7 @@ def pack_sequences(ro, idx, pad_id, device):
         attention_mask[b, Lp - len(p):Lp + n] = True
         input_ids[b, Lp:Lp + n] = ro.completions[i, :n]  # completion: right padding
         roles[b, Lp:Lp + n] = RESPONSE
-    pv, grid = _cat_images([ro.pixel_values[i] for i in idx], [ro.image_grid_thw[i] for i in idx], device)
+    pv, grid = cat_images([ro.pixel_values[i] for i in idx], [ro.image_grid_thw[i] for i in idx], device)
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
             "roles": roles.to(device), "targets": input_ids[:, Lp:].to(device),
             "mask": response_mask(lengths, Lc).to(device), "Lp": Lp, "Lc": Lc,
@@ -662,17 +584,9 @@ def compute_rewards(model, ro, args, dctx, pad_id, autocast=contextlib.nullconte
             # a ratio this large means the response tokens' system-turn mass is near eps: the visual
             # term then outweighs r_acc = 1 and GRPO optimises attention, not answers
             dctx.print0(f"warning: lambda_v * r_visual reaches {args.lambda_v * float(vis.max()):.3g} > r_acc = 1 "
-                   f"(max r_visual {float(vis.max()):.3g}): the system turn's attention is near its floor; "
-                   f"consider --visual-form share")
+                        f"(max r_visual {float(vis.max()):.3g}): the system turn's attention is near its floor; "
+                        f"consider --visual-form share")
     return acc, fmt, vis, total_reward(acc, vis, fmt, args.lambda_v, args.lambda_f)
-
-
-def balanced_chunks(indices, size, dctx):
-    """`indices` cut into chunks of `size`; under FSDP padded with None (a zero-weight dummy pass) up
-    to the largest chunk count of any process, so that all run the same number of forwards."""
-    chunks = [indices[s:s + size] for s in range(0, len(indices), size)]
-    n = int(dctx.max(len(chunks))) if dctx.fsdp else len(chunks)
-    return chunks + [None] * (n - len(chunks))
 
 
 def visual_rewards(model, ro, correct, dctx, micro_batch, layers, pad_id, autocast, form="ratio", eps=1e-6):
@@ -680,7 +594,7 @@ def visual_rewards(model, ro, correct, dctx, micro_batch, layers, pad_id, autoca
     completion with roles (prompt roles from encode_chat, completion RESPONSE), no grad."""
     out = torch.zeros(len(ro.prompts))
     rows = [i for i in range(len(ro.prompts)) if correct[i]]
-    for chunk in balanced_chunks(rows, micro_batch, dctx):
+    for chunk in training.balanced_chunks(rows, micro_batch, dctx):
         b = pack_sequences(ro, chunk if chunk is not None else [0], pad_id, dctx.device)
         with autocast:
             r = vas.visual_reward(model, b["input_ids"], b["attention_mask"], b["roles"], b["pixel_values"],
@@ -692,46 +606,6 @@ def visual_rewards(model, ro, correct, dctx, micro_batch, layers, pad_id, autoca
         if chunk is not None:
             out[chunk] = r.float().cpu()
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# FSDP: all parameters gathered for generation
-# ---------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def generation_mode(model, dctx):
-    """Run model.generate on the full parameters.
-
-    Without FSDP: nothing to do. With FSDP2 every unit is unsharded once here (one collective each,
-    in the same order on every process) and kept unsharded through all forwards (reshard after
-    forward off), so the decode steps issue no collectives: processes may stop decoding at
-    different steps. training.run_vision_on_text_batches's patch (a collective trick for training
-    forwards) is lifted meanwhile, so decode steps do not run the vision tower.
-    """
-    if not dctx.fsdp:
-        yield
-        return
-    from torch.distributed.fsdp import FSDPModule
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    # the setting to restore: the root keeps its parameters after forward (FSDP's own default for
-    # the root), the other units follow what they were given (read from the unit's param group)
-    before = []
-    for m in units:
-        groups = m._get_fsdp_state()._fsdp_param_groups
-        before.append(False if m is model else any(g.post_forward_mesh_info is not None for g in groups))
-    patched = model.__dict__.pop("embed", None)
-    for m in units:
-        m.set_reshard_after_forward(False, recurse=False)
-    for m in units:
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m, r in zip(units, before):
-            m.set_reshard_after_forward(r, recurse=False)
-            m.reshard()
-        if patched is not None:
-            model.embed = patched
 
 
 # ---------------------------------------------------------------------------------------------
@@ -782,7 +656,7 @@ def policy_update(model, optimizer, ro, adv, keep, cfg, dctx, *, micro_batch, pp
     if n_seq == 0:  # every group had zero spread and was dropped: nothing to learn from this batch
         metrics["skipped_update"] = True
         return metrics
-    chunks = balanced_chunks(rows, micro_batch, dctx)
+    chunks = training.balanced_chunks(rows, micro_batch, dctx)
     old = _no_grad_logprobs(model, ro, chunks, pad_id, cfg, dctx, autocast) if ppo_epochs > 1 else None
     ref = _no_grad_logprobs(ref_model, ro, chunks, pad_id, cfg, dctx, autocast) if cfg.kl_coef > 0 else None
     scale = dctx.world if dctx.fsdp else 1
@@ -909,20 +783,6 @@ def grpo_step(model, optimizer, tok, encs, group_ids, args, dctx, step, *, ref_m
 # ---------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------
-
-def weights_checksum(model, use_fsdp):
-    """sha256 of the full float32 weights as this process sees them (FSDP: gathered)."""
-    if use_fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
-    else:
-        sd = model.state_dict()
-    h = hashlib.sha256()
-    for name in sorted(sd):
-        h.update(name.encode())
-        h.update(sd[name].detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
 
 @dataclass
 class Run:

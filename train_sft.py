@@ -286,7 +286,8 @@ def setup(args, dctx) -> Run:
                   device=str(dctx.device), parameters=n_params, data_stats=ds.stats, torch=torch.__version__)
     dctx.print0("config: " + json.dumps(config, default=str))
     if ckpt is None and os.path.exists(os.path.join(args.out, "latest")):
-        dctx.print0(f"warning: {args.out} holds checkpoints of an earlier run; this run starts afresh and overwrites them")
+        dctx.print0(f"warning: {args.out} holds checkpoints of an earlier run; this run starts afresh and "
+                    "overwrites them")
     if dctx.rank == 0:
         training.start_run_files(args.out, config, start)
     return Run(args, dctx, tok, improc, ds, model_dir, model, optimizer, autocast, accum, steps_per_epoch,

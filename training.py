@@ -3,6 +3,7 @@ optimizer, the checked update, and checkpoints that a killed run resumes from ex
 
     Dist               the process group as a run sees it (rank, world, device, FSDP on/off), its
                        print0 and the few collectives the loops use; `distributed(...)` sets it up
+    balanced_chunks    micro-batches padded with dummy passes: every process runs as many forwards
     load_for_training  float32 master weights, checked against the tokenizer
     prepare_model      FSDP2 units (each vision block, each decoder layer, the root) with bf16
                        compute and float32 gradient reduction; bf16 autocast in one process
@@ -11,6 +12,7 @@ optimizer, the checked update, and checkpoints that a killed run resumes from ex
                        before its update, naming the last good checkpoint
     save_checkpoint    OUT/step_N (a hub folder) + OUT/train_state/step_N.pt, then OUT/latest
     resume_checkpoint, read_train_state, restore_train_state   the way back into a run
+    weights_checksum   a hash of the full weights as one process sees them (GRPO's --checksum)
 
 A checkpoint OUT/step_N/ is the model folder as the hub has it: config.json, safetensors in the
 source model's dtype (--save-dtype), and the tokenizer, chat template, generation and preprocessor
@@ -22,6 +24,7 @@ checkpoint.
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -105,6 +108,14 @@ def distributed(device_arg: str = "auto", fsdp: bool = False):
     finally:
         if use_fsdp and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def balanced_chunks(indices, size, dctx):
+    """`indices` cut into chunks of `size`; under FSDP padded with None (a zero-weight dummy pass) up
+    to the largest chunk count of any process, so that all run the same number of forwards."""
+    chunks = [indices[s:s + size] for s in range(0, len(indices), size)]
+    n = int(dctx.max(len(chunks))) if dctx.fsdp else len(chunks)
+    return chunks + [None] * (n - len(chunks))
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +226,20 @@ def check_finite(step: int, loss: float, grad_norm: float, last_ckpt: str | None
     where = f"the last good checkpoint is {last_ckpt} (--resume)" if last_ckpt else "no checkpoint was written yet"
     raise NonFiniteLoss(f"step {step}: non-finite loss {loss} ({terms}grad norm {grad_norm}); stopped before "
                         f"the update; {where}")
+
+
+def weights_checksum(model, use_fsdp):
+    """sha256 of the full float32 weights as this process sees them (FSDP: gathered)."""
+    if use_fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    else:
+        sd = model.state_dict()
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        h.update(name.encode())
+        h.update(sd[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------
