@@ -888,7 +888,7 @@ def train(args, dctx, reward_fn=None):
                          lr_for=lambda e: lrs.append(set_lr(run, step * args.ppo_epochs + e)))
         if m.get("nonfinite"):
             training.check_finite(step + 1, m["loss"], m["grad_norm"], run.last_ckpt)
-        row = dict(step=step + 1, epoch=round((step + 1) / run.steps_per_epoch, 4), lr=lrs[-1] if lrs else None, **m,
+        row = dict(step=step + 1, epoch=round((step + 1) / run.steps_per_epoch, 4), lr=lrs[-1], **m,
                    skipped=n_bad, step_time=time.time() - t0)
         if args.checksum:
             row["param_checksums"] = checksums(run)

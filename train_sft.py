@@ -64,7 +64,6 @@ import vas
 from data import (IGNORE, IMAGE, DataError, ImageProcessor, SFTDataset, Tokenizer, UserError, collate, epoch_batches,
                   micro_batches, run_cli)
 from model import check_model_folder
-from training import all_reduce_sum
 
 parser = argparse.ArgumentParser(description="Cold-start SFT of Qwen2.5-VL with the attention-guided objective",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -171,7 +170,7 @@ def forward_backward(model, mbs, alpha: float, beta: float, ctl_factory, ce_chun
     local = torch.tensor([sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in mbs),
                           sum(int((mb["roles"] == IMAGE).any(1).sum()) for mb in mbs),
                           sum(int(mb["attention_mask"].sum()) for mb in mbs)], dtype=torch.float64, device=device)
-    n_tok, n_img, n_all = all_reduce_sum(local, use_fsdp).tolist()
+    n_tok, n_img, n_all = training.all_reduce_sum(local, use_fsdp).tolist()
     if n_tok == 0:  # every process sees the same sums, so all of them stop here
         raise DataError("no trained token in this step: all of its records failed to load")
     # lm, enhance, suppress, vas, vas samples, system share, cells at the floor (both summed over image samples)
@@ -200,7 +199,7 @@ def forward_backward(model, mbs, alpha: float, beta: float, ctl_factory, ce_chun
         # FSDP averages gradients over processes; the loss is already the global mean: undo the average
         (loss * world if use_fsdp else loss).backward()
         sums[0] += lm_sum.detach().double()
-    lm, enh, sup, vas_sum, vas_n, share, floor_n = all_reduce_sum(sums, use_fsdp).tolist()
+    lm, enh, sup, vas_sum, vas_n, share, floor_n = training.all_reduce_sum(sums, use_fsdp).tolist()
     lm_loss, enhance, suppress = lm / n_tok, enh / max(n_img, 1), sup / max(n_img, 1)
     return dict(loss=lm_loss + alpha * enhance + beta * suppress, lm_loss=lm_loss, enhance=enhance,
                 suppress=suppress, vas=vas_sum / vas_n if vas_n else None, n_tok=int(n_tok), n_img=int(n_img),
@@ -348,7 +347,7 @@ def skip_bad_records(run: Run, step: int, mbs, pbar) -> int:
     --skip-bad the run stops before the update, saved at the step before. Returns their number
     over all processes."""
     bad = [err for mb in mbs for _, err in mb["skipped"]]
-    n_bad = int(all_reduce_sum(torch.tensor([len(bad)], device=run.dctx.device), run.dctx.fsdp).item())
+    n_bad = int(training.all_reduce_sum(torch.tensor([len(bad)], device=run.dctx.device), run.dctx.fsdp).item())
     if n_bad and not run.args.skip_bad:
         if step > 0 and run.last_ckpt != os.path.join(run.args.out, f"step_{step}"):
             save(run, step)
