@@ -27,8 +27,29 @@ Run:
     torchrun --nproc_per_node=8 train_grpo.py --data rl.jsonl --model DIR
 """
 
+import argparse
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
+import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
+
+import evaluate
+import grading
+import training
+import vas
+from data import (IMAGE_PLACEHOLDER, PAD_ROLE, RESPONSE, DataError, ImageProcessor, Tokenizer, UserError,
+                  answer_text, encode_chat, epoch_batches, image_tokens, normalize_record, read_records, run_cli)
+from hub import check_model_folder
+from model import from_pretrained
+from rollouts import cat_images, generate_rollouts, generation_mode, rollout_seed
+from training import Dist, weights_checksum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,10 +298,10 @@ def aggregate(per_token, mask, mode="token_mean", total_tokens=None, num_seqs=No
 # One step, for `--prompts-per-step` prompts shared out over the processes (each prompt and its G
 # samples stay on one process, so a group never spans processes):
 #
-#   1. rollout    G samples per prompt with model.generate (KV cache; temperature, top-p; a seed made
-#                 from (seed, step, rank); ids >= tokenizer size never drawn). Under FSDP the
-#                 parameters are gathered once for the whole decode, so that processes whose
-#                 samples stop at different lengths issue no per-token collectives.
+#   1. rollout    G samples per prompt with model.generate (rollouts.py: KV cache; temperature,
+#                 top-p; a seed made from (seed, step, rank); ids >= tokenizer size never drawn).
+#                 Under FSDP the parameters are gathered once for the whole decode, so that
+#                 processes whose samples stop at different lengths issue no per-token collectives.
 #   2. rewards    r_acc = grade(extract_answer(text)), r_format = format_ok(text) (grading.py, the
 #                 graders of the evaluation); r_visual = vas.visual_reward over the response rows of
 #                 prompt + completion, computed for correct answers only; r = total_reward(...).
@@ -302,30 +323,12 @@ def aggregate(per_token, mask, mode="token_mean", total_tokens=None, num_seqs=No
 # t sits at (last prompt position + 1 + t): what generate gave it (cache index + rope_delta). The
 # logits of columns Lp-1 .. Lp+Lc-2 predict the completion; masks come from the sampler's lengths.
 #
-# Multi-process design: train_sft.py's (torchrun, RANK/WORLD_SIZE, gloo on CPU, FSDP2 units per
-# vision block and decoder layer, bf16 compute with float32 master weights, atomic step_N
-# checkpoints with a `latest` pointer, metrics.jsonl, NaN stop). Under FSDP every process must run
-# the same number of forwards and backwards: where processes hold different numbers of
-# micro-batches (correct answers for r_visual, --drop-zero-spread), the short ones run zero-weight
-# dummy micro-batches.
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch.distributed as dist  # noqa: E402
-
-import evaluate  # noqa: E402
-import grading  # noqa: E402
-from data import (IMAGE_PLACEHOLDER, PAD_ROLE, RESPONSE, DataError, ImageProcessor, Tokenizer,  # noqa: E402
-                  answer_text, encode_chat, epoch_batches, image_tokens, normalize_record, read_records)
-from data import UserError, run_cli  # noqa: E402
+# Multi-process design: training.py's, shared with train_sft.py (torchrun, RANK/WORLD_SIZE, gloo on
+# CPU, FSDP2 units per vision block and decoder layer, bf16 compute with float32 master weights,
+# atomic step_N checkpoints with a `latest` pointer, metrics.jsonl, NaN stop). Under FSDP every
+# process must run the same number of forwards and backwards: where processes hold different
+# numbers of micro-batches (correct answers for r_visual, --drop-zero-spread), the short ones run
+# zero-weight dummy micro-batches (training.balanced_chunks).
 
 
 def build_parser():
@@ -360,14 +363,12 @@ def build_parser():
     p.add_argument("--lambda-v", type=float, default=0.3, help="weight of r_visual (AVAR 4c); 0 disables it (no attention pass)")
     p.add_argument("--lambda-f", type=float, default=0.1, help="weight of r_format; 0 disables it")
     p.add_argument("--vas-layers", default="0-7", help="layers of r_visual, e.g. 0-7 or 0,2,4 (released config: 0-7)")
-    p.add_argument("--vas-eps", type=float, default=1e-6, help="eps in the denominator of r_visual")
     p.add_argument("--visual-form", default="ratio", choices=["ratio", "share"],
                    help="r_visual per token: V / (S + eps) (the paper's) or V / (V + S + eps), bounded by 1 "
                         "(see vas.visual_reward)")
     # advantages and loss
     p.add_argument("--adv-scale", default="group", choices=["group", "batch", "none"],
                    help="divide centred rewards by the group's std, the batch's std, or nothing (Dr. GRPO)")
-    p.add_argument("--adv-eps", type=float, default=1e-6, help="eps of the advantage denominator (EasyR1; TRL: 1e-4)")
     p.add_argument("--drop-zero-spread", action="store_true",
                    help="leave groups whose rewards are all equal (zero advantage) out of the update and its counts")
     p.add_argument("--ppo-epochs", type=int, default=1,
@@ -384,13 +385,11 @@ def build_parser():
     p.add_argument("--loss-agg", default="token_mean", choices=["token_mean", "seq_mean", "dr_grpo"],
                    help="token_mean: / response tokens of the step; seq_mean: mean of per-sequence means; "
                         "dr_grpo: / (sequences x --max-new-tokens)")
-    p.add_argument("--logp-chunk", type=int, default=512, help="positions per float32 log-softmax chunk")
     # optimisation
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the prompts")
     p.add_argument("--max-steps", type=int, default=0, help="rollout steps; > 0 overrides --epochs")
     p.add_argument("--lr", type=float, default=1e-6, help="learning rate (paper and released config: 1e-6)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decay on matrices (EasyR1: 1e-2)")
-    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, then a constant lr (EasyR1)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
@@ -411,14 +410,6 @@ def build_parser():
     p.add_argument("--checksum", action="store_true",
                    help="log a checksum of the full weights as every process sees them (param_checksums)")
     return p
-
-
-RANK = 0
-
-
-def print0(*a, **k):
-    if RANK == 0:
-        print(*a, **k, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,7 +451,6 @@ class PromptDataset:
         self.records, self.lengths, self.where, errors = [], [], [], []
         self.stats = {"lines": 0, "kept": 0, "bad": 0, "too_long": 0, "with_images": 0, "text_only": 0}
         base = os.path.dirname(os.path.abspath(path))
-        sizes = {}
         for where, obj, error in read_records(path):  # JSON lines or a JSON array
             self.stats["lines"] += 1
             try:
@@ -481,7 +471,7 @@ class PromptDataset:
                               image_placeholders=True, answer=answer.strip(),
                               answer_type=answer_type or ("multi_choice" if options else None),
                               benchmark=Path(path).stem)
-                n_img = [self._image_tokens(p, sizes) for p in rec.images]
+                n_img = [image_tokens(p, improc) for p in rec.images]
                 length = len(encode_chat(tok, [{"role": "user", "content": evaluate.prompt_content(record)}],
                                          n_img, add_generation_prompt=True)["input_ids"])
             except (ValueError, OSError) as e:
@@ -505,11 +495,6 @@ class PromptDataset:
         if not self.records:
             raise DataError(f"{path}: no usable records ({self.stats})")
 
-    def _image_tokens(self, src, cache):
-        if src not in cache:  # the header only: the size gives the token count
-            cache[src] = image_tokens(src, self.improc)
-        return cache[src]
-
     def __len__(self):
         return len(self.records)
 
@@ -530,96 +515,6 @@ class PromptDataset:
         return (f"{self.path}: {s['kept']} prompts ({s['with_images']} with images, {s['text_only']} text-only)"
                 f" of {s['lines']}; dropped {s['bad']} invalid, {s['too_long']} too long;"
                 f" prompt tokens mean {sum(self.lengths) / len(self.lengths):.0f}, max {max(self.lengths)}")
-
-
-def resolve_model_dir(path):
-    """A Hugging Face folder as is; a run folder (train_sft.py's --out) through its `latest` file
-    (model.resolve_checkpoint), resolved once so that the reference model of a resumed run is
-    still the initial policy."""
-    from model import resolve_checkpoint
-    d = resolve_checkpoint(path)
-    if not os.path.exists(os.path.join(d, "config.json")):
-        raise UserError(f"--model {path}: neither a model folder (config.json) nor a run folder with `latest`"
-                        " (train SFT first: python train_sft.py; or pass --model toy/model)")
-    return d
-
-
-# ---------------------------------------------------------------------------------------------
-# rollouts
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Rollout:
-    """N = prompts x G sampled sequences of one process; a prompt's samples are consecutive."""
-    prompts: list  # N 1-D LongTensors (shared between a prompt's samples)
-    roles: list  # N 1-D role tensors of the prompts
-    pixel_values: list  # N tensors (n_i, 1176) or None
-    image_grid_thw: list  # N tensors (k_i, 3) or None
-    records: list  # N evaluate.py records (gold answers)
-    completions: torch.Tensor  # (N, max_new_tokens) sampled ids, pad after each row's end
-    lengths: torch.Tensor  # (N,) completion lengths, the stop token included
-    group_ids: torch.Tensor  # (N,) one exact id per prompt
-    texts: list  # N decoded completions (special tokens dropped)
-    stopped: torch.Tensor  # (N,) bool: ended on a stop token (not cut at max_new_tokens)
-
-
-def rollout_seed(seed, step, rank):
-    """A 63-bit sampling seed from (seed, step, rank): distinct for every process and step, and
-    the same when a resumed run redoes a step."""
-    h = hashlib.sha256(f"grpo/{seed}/{step}/{rank}".encode()).digest()
-    return int.from_bytes(h[:8], "little") & (2 ** 63 - 1)
-
-
-def _cat_images(pvs, grids, device):
-    pv = [x for x in pvs if x is not None]
-    gr = [g for g in grids if g is not None]
-    if not pv:
-        return None, None
-    return torch.cat(pv).to(device), torch.cat(gr).to(device)
-
-
-def _model_device(model):
-    return next(model.parameters()).device
-
-
-def generate_rollouts(model, tok, encs, group_ids, G, *, max_new_tokens, temperature, top_p, seed,
-                      gen_batch=0):
-    """Sample G completions of every encoded prompt in `encs` (dataset items); no grad.
-
-    group_ids: one id per prompt (its G samples share it). gen_batch: sequences per generate call
-    (0: all), rounded down to whole groups. Each prompt is prefilled once and its KV cache copied
-    G times (generate's num_samples). Chunk c is sampled with seed + c. Vision placeholders are
-    never sampled (generate bans them), so every completion can be fed back as text. Returns a
-    Rollout (tensors on the CPU).
-    """
-    dev = _model_device(model)
-    prompts, roles, pvs, grids, records, gids = [], [], [], [], [], []
-    for enc, gid in zip(encs, group_ids):
-        for _ in range(G):
-            prompts.append(enc["input_ids"])
-            roles.append(enc["roles"])
-            pvs.append(enc["pixel_values"])
-            grids.append(enc["image_grid_thw"])
-            records.append(enc["record"])
-            gids.append(int(gid))
-    N = len(prompts)
-    per_call = max(1, gen_batch // G) if gen_batch > 0 else len(encs)  # prompts per generate call
-    toks, lens = [], []
-    for c, s in enumerate(range(0, len(encs), per_call)):
-        chunk = encs[s:s + per_call]
-        pv, grid = _cat_images([e["pixel_values"] for e in chunk], [e["image_grid_thw"] for e in chunk], dev)
-        t, n = model.generate([e["input_ids"] for e in chunk], pv, grid, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_p=top_p, seed=(seed + c) % 2 ** 63, num_samples=G,
-                              stop_ids=tok.stop_ids, pad_id=tok.pad_id, vocab_limit=tok.vocab_size)
-        toks.append(t.cpu())
-        lens.append(n.cpu())
-    completions, lengths = torch.cat(toks), torch.cat(lens)
-    stops = torch.tensor(list(tok.stop_ids))
-    last = completions.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
-    stopped = (lengths > 0) & torch.isin(last, stops)
-    texts = [tok.decode_response(completions[i, :int(lengths[i])]) for i in range(N)]
-    return Rollout(prompts, roles, pvs, grids, records, completions, lengths,
-                   torch.tensor(gids, dtype=torch.long), texts, stopped)
 
 
 def pack_sequences(ro, idx, pad_id, device):
@@ -643,7 +538,7 @@ def pack_sequences(ro, idx, pad_id, device):
         attention_mask[b, Lp - len(p):Lp + n] = True
         input_ids[b, Lp:Lp + n] = ro.completions[i, :n]  # completion: right padding
         roles[b, Lp:Lp + n] = RESPONSE
-    pv, grid = _cat_images([ro.pixel_values[i] for i in idx], [ro.image_grid_thw[i] for i in idx], device)
+    pv, grid = cat_images([ro.pixel_values[i] for i in idx], [ro.image_grid_thw[i] for i in idx], device)
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
             "roles": roles.to(device), "targets": input_ids[:, Lp:].to(device),
             "mask": response_mask(lengths, Lc).to(device), "Lp": Lp, "Lc": Lc,
@@ -682,65 +577,25 @@ def compute_rewards(model, ro, args, dctx, pad_id, autocast=contextlib.nullconte
     acc, fmt = accuracy_and_format(ro.texts, ro.records)
     vis = torch.zeros_like(acc)
     if args.lambda_v != 0:
-        import vas
         # parsed without a depth bound: visual_reward keeps the layers the model has (0-7 of 4 = 0-3)
         layers = vas.parse_layers([args.vas_layers], 10 ** 9) if args.vas_layers else None
-        vis = visual_rewards(model, ro, acc > 0, dctx, args.micro_batch, layers, args.vas_eps, pad_id, autocast,
-                             form=getattr(args, "visual_form", "ratio"))
+        vis = visual_rewards(model, ro, acc > 0, dctx, args.micro_batch, layers, pad_id, autocast,
+                             form=args.visual_form)
         if args.lambda_v * float(vis.max()) > 1.0:
             # a ratio this large means the response tokens' system-turn mass is near eps: the visual
             # term then outweighs r_acc = 1 and GRPO optimises attention, not answers
-            print0(f"warning: lambda_v * r_visual reaches {args.lambda_v * float(vis.max()):.3g} > r_acc = 1 "
-                   f"(max r_visual {float(vis.max()):.3g}): the system turn's attention is near its floor; "
-                   f"consider --visual-form share")
+            dctx.print0(f"warning: lambda_v * r_visual reaches {args.lambda_v * float(vis.max()):.3g} > r_acc = 1 "
+                        f"(max r_visual {float(vis.max()):.3g}): the system turn's attention is near its floor; "
+                        f"consider --visual-form share")
     return acc, fmt, vis, total_reward(acc, vis, fmt, args.lambda_v, args.lambda_f)
 
 
-class Dist:
-    """The process group as the loop sees it: rank, world size, device, FSDP on/off."""
-
-    def __init__(self, rank=0, world=1, device=torch.device("cpu"), fsdp=False):
-        self.rank, self.world, self.device, self.fsdp = rank, world, device, fsdp
-
-    def sum(self, values):
-        """Sum of a list of floats over processes (float64)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.fsdp:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
-
-    def max(self, value):
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        if self.fsdp:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item()
-
-    def gather(self, t):
-        """Concatenation over processes of an equal-length 1-D tensor, in rank order."""
-        if not self.fsdp:
-            return t
-        t = t.to(self.device)
-        out = torch.empty(t.numel() * self.world, dtype=t.dtype, device=self.device)
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(out, t.contiguous())
-        return out.cpu()
-
-
-def balanced_chunks(indices, size, dctx):
-    """`indices` cut into chunks of `size`; under FSDP padded with None (a zero-weight dummy pass) up
-    to the largest chunk count of any process, so that all run the same number of forwards."""
-    chunks = [indices[s:s + size] for s in range(0, len(indices), size)]
-    n = int(dctx.max(len(chunks))) if dctx.fsdp else len(chunks)
-    return chunks + [None] * (n - len(chunks))
-
-
-def visual_rewards(model, ro, correct, dctx, micro_batch, layers, eps, pad_id, autocast, form="ratio"):
+def visual_rewards(model, ro, correct, dctx, micro_batch, layers, pad_id, autocast, form="ratio", eps=1e-6):
     """r_visual (N,) for the rows where `correct` (others 0): vas.visual_reward over prompt +
     completion with roles (prompt roles from encode_chat, completion RESPONSE), no grad."""
-    import vas
     out = torch.zeros(len(ro.prompts))
     rows = [i for i in range(len(ro.prompts)) if correct[i]]
-    for chunk in balanced_chunks(rows, micro_batch, dctx):
+    for chunk in training.balanced_chunks(rows, micro_batch, dctx):
         b = pack_sequences(ro, chunk if chunk is not None else [0], pad_id, dctx.device)
         with autocast:
             r = vas.visual_reward(model, b["input_ids"], b["attention_mask"], b["roles"], b["pixel_values"],
@@ -752,46 +607,6 @@ def visual_rewards(model, ro, correct, dctx, micro_batch, layers, eps, pad_id, a
         if chunk is not None:
             out[chunk] = r.float().cpu()
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# FSDP: all parameters gathered for generation
-# ---------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def generation_mode(model, dctx):
-    """Run model.generate on the full parameters.
-
-    Without FSDP: nothing to do. With FSDP2 every unit is unsharded once here (one collective each,
-    in the same order on every process) and kept unsharded through all forwards (reshard after
-    forward off), so the decode steps issue no collectives: processes may stop decoding at
-    different steps. train_sft's vision-on-text-batches patch (a collective trick for training
-    forwards) is lifted meanwhile, so decode steps do not run the vision tower.
-    """
-    if not dctx.fsdp:
-        yield
-        return
-    from torch.distributed.fsdp import FSDPModule
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    # the setting to restore: the root keeps its parameters after forward (FSDP's own default for
-    # the root), the other units follow what they were given (read from the unit's param group)
-    before = []
-    for m in units:
-        groups = m._get_fsdp_state()._fsdp_param_groups
-        before.append(False if m is model else any(g.post_forward_mesh_info is not None for g in groups))
-    patched = model.__dict__.pop("embed", None)
-    for m in units:
-        m.set_reshard_after_forward(False, recurse=False)
-    for m in units:
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m, r in zip(units, before):
-            m.set_reshard_after_forward(r, recurse=False)
-            m.reshard()
-        if patched is not None:
-            model.embed = patched
 
 
 # ---------------------------------------------------------------------------------------------
@@ -842,7 +657,7 @@ def policy_update(model, optimizer, ro, adv, keep, cfg, dctx, *, micro_batch, pp
     if n_seq == 0:  # every group had zero spread and was dropped: nothing to learn from this batch
         metrics["skipped_update"] = True
         return metrics
-    chunks = balanced_chunks(rows, micro_batch, dctx)
+    chunks = training.balanced_chunks(rows, micro_batch, dctx)
     old = _no_grad_logprobs(model, ro, chunks, pad_id, cfg, dctx, autocast) if ppo_epochs > 1 else None
     ref = _no_grad_logprobs(ref_model, ro, chunks, pad_id, cfg, dctx, autocast) if cfg.kl_coef > 0 else None
     scale = dctx.world if dctx.fsdp else 1
@@ -892,11 +707,7 @@ def policy_update(model, optimizer, ro, adv, keep, cfg, dctx, *, micro_batch, pp
                 for k in ("clip_frac", "clip_frac_high", "clip_frac_low", "dual_clip_frac", "approx_kl", "ratio_mean"):
                     sums[k] += float(pm[k]) * nt
                 ratio_max = max(ratio_max, float(pm["ratio_max"]))
-        params = [p for p in model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
-            norm = norm.full_tensor()
-        norms.append(float(norm))
+        norms.append(training.clip_grad_norm(model, grad_clip))
         loss_now = dctx.sum([sums["loss"]])[0]
         if not (math.isfinite(norms[-1]) and math.isfinite(loss_now)):
             optimizer.zero_grad(set_to_none=True)
@@ -928,7 +739,7 @@ def grpo_step(model, optimizer, tok, encs, group_ids, args, dctx, step, *, ref_m
     G = args.group_size
     cfg = LossConfig(temperature=args.temperature, clip_low=args.clip_low, clip_high=args.clip_high,
                      dual_clip=args.dual_clip, kl_coef=args.kl_coef, loss_agg=args.loss_agg,
-                     max_new_tokens=args.max_new_tokens, vocab_size=tok.vocab_size, logp_chunk=args.logp_chunk)
+                     max_new_tokens=args.max_new_tokens, vocab_size=tok.vocab_size)
     # 1. rollout
     t0 = time.time()
     with generation_mode(model, dctx), torch.no_grad():
@@ -946,7 +757,7 @@ def grpo_step(model, optimizer, tok, encs, group_ids, args, dctx, step, *, ref_m
     t_reward = time.time() - t0
     # 3. advantages over the whole step's rewards
     all_r, all_g = dctx.gather(reward.float()), dctx.gather(ro.group_ids)
-    adv_all, am = group_advantages(all_r, all_g, scale=args.adv_scale, eps=args.adv_eps)
+    adv_all, am = group_advantages(all_r, all_g, scale=args.adv_scale)
     n = len(ro.prompts)
     sl = slice(dctx.rank * n, (dctx.rank + 1) * n) if dctx.fsdp else slice(0, n)
     adv, zero = adv_all[sl], am["zero_spread_mask"][sl]
@@ -974,182 +785,187 @@ def grpo_step(model, optimizer, tok, encs, group_ids, args, dctx, step, *, ref_m
 # the run
 # ---------------------------------------------------------------------------------------------
 
-def weights_checksum(model, use_fsdp):
-    """sha256 of the full float32 weights as this process sees them (FSDP: gathered)."""
-    if use_fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
-    else:
-        sd = model.state_dict()
-    h = hashlib.sha256()
-    for name in sorted(sd):
-        h.update(name.encode())
-        h.update(sd[name].detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+@dataclass
+class Run:
+    """What every step of one GRPO run reads: its settings, prompts, policy and optimizer."""
+    args: argparse.Namespace
+    dctx: Dist
+    tok: Tokenizer
+    improc: ImageProcessor
+    ds: PromptDataset
+    init_dir: str  # the initial policy, also the reference of the KL term (after a resume too)
+    model_dir: str  # the folder the weights came from (a checkpoint when resumed)
+    model: torch.nn.Module
+    ref_model: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    autocast: object  # the context of the training forwards (bf16 autocast in one process)
+    steps_per_epoch: int
+    total_steps: int
+    start: int  # the first step this process runs (> 0 when resumed)
+    last_ckpt: str | None  # the newest complete checkpoint
+    config: dict
 
 
 def main(argv=None, reward_fn=None):
-    """Parse the arguments, set up the process group (train_sft.setup_distributed) and train.
+    """Parse the arguments, set up the process group (training.distributed) and train.
     reward_fn(rollout) -> (acc, fmt, vis) replaces the AVAR reward (tests)."""
-    global RANK
-    import train_sft
     args = build_parser().parse_args(argv)
-    rank, world, device, use_fsdp = train_sft.setup_distributed(args)
-    RANK = train_sft.RANK = rank  # train_sft.save_checkpoint writes on its RANK 0 only
-    try:
-        return train(args, Dist(rank, world, device, use_fsdp), reward_fn)
-    finally:
-        if use_fsdp and dist.is_initialized():
-            dist.destroy_process_group()
+    with training.distributed(args.device, args.fsdp) as dctx:
+        return train(args, dctx, reward_fn)
 
 
-def train(args, dctx, reward_fn=None):
-    import train_sft
-    from tqdm import tqdm
-
-    from model import from_pretrained
-
-    rank, world, device = dctx.rank, dctx.world, dctx.device
-    torch.manual_seed(args.seed + rank)
+def setup(args, dctx) -> Run:
+    """The resume point, the prompts, the policy (float32 master weights; FSDP2 shards them, bf16
+    autocast without FSDP), the frozen reference (kl_coef > 0), AdamW, the run files."""
+    torch.manual_seed(args.seed + dctx.rank)
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0 for GRPO rollouts (the log-probs divide by it)")
-    if args.prompts_per_step % world:
-        raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} processes")
-    compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32,
-                     "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
+    if args.prompts_per_step % dctx.world:
+        raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {dctx.world} processes")
+    dtype = training.compute_dtype(args.dtype, dctx.device)
 
-    ckpt = train_sft.resolve_resume(args.resume, args.out) if args.resume else None
+    ckpt = training.resume_checkpoint(args.resume, args.out) if args.resume else None
     if args.resume and ckpt is None:
-        print0(f"--resume: no checkpoint in {args.out}, starting from {args.model}")
-    state = None
-    if ckpt is not None:
-        state = train_sft.read_train_state(ckpt)
-    init_dir = state["init_model"] if state is not None else resolve_model_dir(args.model)
+        dctx.print0(f"--resume: no checkpoint in {args.out}, starting from {args.model}")
+    state = training.read_train_state(ckpt) if ckpt is not None else None
+    # --model resolved once (a run folder through its `latest`), so that the reference model of a
+    # resumed run is still the initial policy
+    init_dir = state["init_model"] if state is not None else check_model_folder(args.model)
     model_dir = ckpt or init_dir
 
     tok = Tokenizer(model_dir)
     improc = ImageProcessor.from_pretrained(model_dir, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     ds = PromptDataset(args.data, tok, improc, args.max_prompt_len, args.skip_bad)
-    print0(ds.summary())
-    P = args.prompts_per_step
-    steps_per_epoch = len(ds) // P
+    dctx.print0(ds.summary())
+    steps_per_epoch = len(ds) // args.prompts_per_step
     if steps_per_epoch == 0:
-        raise UserError(f"{args.data}: {len(ds)} prompts, fewer than one batch of --prompts-per-step {P}")
+        raise UserError(f"{args.data}: {len(ds)} prompts, fewer than one batch of --prompts-per-step "
+                        f"{args.prompts_per_step}")
     total_steps = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * steps_per_epoch))
 
-    model = train_sft.load_for_training(model_dir, tok, device, args.grad_ckpt, args.freeze_vision)
+    model = training.load_for_training(model_dir, tok, dctx.device, args.grad_ckpt, args.freeze_vision)
     n_params = sum(p.numel() for p in model.parameters())
     ref_model = None
     if args.kl_coef > 0:  # the frozen initial policy (also after a resume)
-        ref_model = from_pretrained(init_dir, dtype=torch.float32, device=device).eval()
+        ref_model = from_pretrained(init_dir, dtype=torch.float32, device=dctx.device).eval()
         ref_model.requires_grad_(False)
-    if dctx.fsdp:
-        train_sft.shard_model(model, compute_dtype)
-        train_sft.run_vision_on_text_batches(model)
-        if ref_model is not None:
-            train_sft.shard_model(ref_model, compute_dtype)
-            train_sft.run_vision_on_text_batches(ref_model)
-    model.train()
     # one process in bf16: autocast for the training forwards; generation runs on the float32
     # weights (its KV cache takes the weights' dtype). --fsdp gives bf16 generation.
-    autocast = (torch.autocast(device.type, dtype=compute_dtype)
-                if not dctx.fsdp and compute_dtype != torch.float32 else contextlib.nullcontext())
-
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=tuple(args.betas),
-                                  fused=device.type == "cuda")
+    autocast = training.prepare_model(model, dctx, dtype)
+    if ref_model is not None:
+        training.prepare_model(ref_model, dctx, dtype)
+    model.train()
+    optimizer = training.build_optimizer(model, args.lr, args.weight_decay, (0.9, 0.999), dctx.device)
     start = 0
     if state is not None:
-        for key, now in (("prompts_per_step", P), ("seed", args.seed), ("num_records", len(ds)),
-                         ("group_size", args.group_size)):
-            if state[key] != now:
-                raise UserError(f"cannot resume from {ckpt}: {key} was {state[key]}, now {now}")
-        train_sft.restore_weights_and_optimizer(model, optimizer, state, dctx.fsdp)
-        start = int(state["step"])
-        print0(f"resumed from {ckpt} at step {start}")
-    last_ckpt = ckpt
+        expected = dict(prompts_per_step=args.prompts_per_step, seed=args.seed, num_records=len(ds),
+                        group_size=args.group_size)
+        start = training.restore_train_state(ckpt, state, model, optimizer, dctx, expected)
+        dctx.print0(f"resumed from {ckpt} at step {start}")
 
-    config = dict(vars(args), init_model=init_dir, world_size=world, steps_per_epoch=steps_per_epoch,
-                  total_steps=total_steps, fsdp=dctx.fsdp, compute_dtype=str(compute_dtype), device=str(device),
+    config = dict(vars(args), init_model=init_dir, world_size=dctx.world, steps_per_epoch=steps_per_epoch,
+                  total_steps=total_steps, fsdp=dctx.fsdp, compute_dtype=str(dtype), device=str(dctx.device),
                   parameters=n_params, data_stats=ds.stats, torch=torch.__version__)
-    print0("config: " + json.dumps(config, default=str))
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if rank == 0:
-        train_sft.start_run_files(args.out, config, start)
+    dctx.print0("config: " + json.dumps(config, default=str))
+    if dctx.rank == 0:
+        training.start_run_files(args.out, config, start)
+    return Run(args, dctx, tok, improc, ds, init_dir, model_dir, model, ref_model, optimizer, autocast,
+               steps_per_epoch, total_steps, start, ckpt, config)
 
-    def set_lr(update):
-        lr = args.lr * (min(1.0, (update + 1) / args.warmup_steps) if args.warmup_steps > 0 else 1.0)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        return lr
 
-    def train_state(done):
-        return dict(step=done, epoch=done // steps_per_epoch, batch_in_epoch=done % steps_per_epoch,
-                    steps_per_epoch=steps_per_epoch, prompts_per_step=P, group_size=args.group_size,
-                    num_records=len(ds), seed=args.seed, total_steps=total_steps, world_size=world,
-                    init_model=init_dir, args=vars(args))
+def train(args, dctx, reward_fn=None):
+    from tqdm import tqdm  # a progress bar only
 
-    pbar = tqdm(total=total_steps, initial=start, disable=rank != 0, dynamic_ncols=True, desc="grpo")
-    history, share, skipped = [], P // world, 0  # skipped: prompts that failed to load, this process's run
-    for step in range(start, total_steps):
+    run = setup(args, dctx)
+    pbar = tqdm(total=run.total_steps, initial=run.start, disable=dctx.rank != 0, dynamic_ncols=True, desc="grpo")
+    history, skipped = [], 0  # skipped: prompts that failed to load, this process's run
+    for step in range(run.start, run.total_steps):
         t0 = time.time()
-        epoch, k = divmod(step, steps_per_epoch)
-        batch = epoch_batches(ds.lengths, P, args.seed, epoch, group_by_length=False)[k]
-        mine = batch[rank * share:(rank + 1) * share]
-        encs, group_ids, bad = [], [], []
-        for j, i in enumerate(mine):
-            try:
-                encs.append(ds[i])
-                group_ids.append(step * P + rank * share + j)  # exact, unique in the step
-            except DataError as e:  # an image that does not decode: the same ones on every run
-                bad.append(str(e))
-        n_bad = int(dctx.sum([float(len(bad))])[0])
-        # several processes exchange equal-length rollout tensors: there a lost prompt stops the run
-        if n_bad and (not args.skip_bad or world > 1):
-            if step > 0 and last_ckpt != os.path.join(args.out, f"step_{step}"):
-                last_ckpt = train_sft.save_checkpoint(model, optimizer, step, args, train_state(step), model_dir,
-                                                      dctx.fsdp, device, improc)
-            kept = f"saved {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-            how = ("--skip-bad cannot skip a prompt with several processes; fix the file and --resume" if args.skip_bad
-                   else "Fix the file and --resume, or --resume --skip-bad to skip such prompts")
-            raise DataError(f"step {step + 1}: {bad[0] if bad else 'a prompt on another process failed to load'}; "
-                            f"stopped before the rollout, {kept}. {how}")
-        for err in bad:
-            pbar.write(f"skipped (--skip-bad): {err}")
+        encs, group_ids, n_bad = step_prompts(run, step, pbar)
         skipped += n_bad
-        if not encs:
-            raise DataError(f"step {step + 1}: every prompt of this process failed to load ({bad[0]})")
-        lrs = [set_lr(step * args.ppo_epochs)]
-        m, _ = grpo_step(model, optimizer, tok, encs, group_ids, args, dctx, step, ref_model=ref_model,
-                         reward_fn=reward_fn, autocast=autocast,
-                         lr_for=lambda e: lrs.append(set_lr(step * args.ppo_epochs + e)))
+        lrs = [set_lr(run, step * args.ppo_epochs)]
+        m, _ = grpo_step(run.model, run.optimizer, run.tok, encs, group_ids, args, dctx, step, ref_model=run.ref_model,
+                         reward_fn=reward_fn, autocast=run.autocast,
+                         lr_for=lambda e: lrs.append(set_lr(run, step * args.ppo_epochs + e)))
         if m.get("nonfinite"):
-            where = f"the last good checkpoint is {last_ckpt} (--resume)" if last_ckpt else "no checkpoint was written yet"
-            raise train_sft.NonFiniteLoss(f"step {step + 1}: non-finite loss {m.get('loss')} or grad norm "
-                                          f"{m.get('grad_norm')}; stopped before the update; {where}")
-        row = dict(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 4), lr=lrs[-1] if lrs else None, **m,
+            training.check_finite(step + 1, m["loss"], m["grad_norm"], run.last_ckpt)
+        row = dict(step=step + 1, epoch=round((step + 1) / run.steps_per_epoch, 4), lr=lrs[-1], **m,
                    skipped=n_bad, step_time=time.time() - t0)
         if args.checksum:
-            sums = [None] * world if dctx.fsdp else None
-            mine_sum = weights_checksum(model, dctx.fsdp)
-            if dctx.fsdp:
-                dist.all_gather_object(sums, mine_sum)
-            row["param_checksums"] = sums if dctx.fsdp else [mine_sum]
+            row["param_checksums"] = checksums(run)
         history.append(row)
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        if dctx.rank == 0:
+            training.append_metrics(args.out, row)
             pbar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}",
                              len=f"{row['response_length']:.0f}", **({"skipped": skipped} if skipped else {}))
             pbar.update(1)
         done = step + 1
-        if done == total_steps or (args.save_every > 0 and done % args.save_every == 0):
-            last_ckpt = train_sft.save_checkpoint(model, optimizer, done, args, train_state(done), model_dir,
-                                                  dctx.fsdp, device, improc)
+        if done == run.total_steps or (args.save_every > 0 and done % args.save_every == 0):
+            save(run, done)
     pbar.close()
-    return {"metrics": history, "checkpoint": last_ckpt, "config": config}
+    return {"metrics": history, "checkpoint": run.last_ckpt, "config": run.config}
+
+
+def set_lr(run: Run, update: int) -> float:
+    """Linear warmup over --warmup-steps optimizer updates, then the constant --lr (EasyR1)."""
+    mult = min(1.0, (update + 1) / run.args.warmup_steps) if run.args.warmup_steps > 0 else 1.0
+    training.set_lr(run.optimizer, mult)
+    return run.args.lr * mult
+
+
+def step_prompts(run: Run, step: int, pbar):
+    """This process's share of step `step`'s prompts (epoch_batches, a function of the seed and the
+    epoch), encoded, with one exact group id each. A prompt whose image does not decode is skipped
+    with --skip-bad in one process; otherwise the run stops before the rollout, saved at the step
+    before. Returns the encodings, their group ids and the number skipped over all processes."""
+    args, dctx = run.args, run.dctx
+    P = args.prompts_per_step
+    share = P // dctx.world
+    epoch, k = divmod(step, run.steps_per_epoch)
+    batch = epoch_batches(run.ds.lengths, P, args.seed, epoch, group_by_length=False)[k]
+    encs, group_ids, bad = [], [], []
+    for j, i in enumerate(batch[dctx.rank * share:(dctx.rank + 1) * share]):
+        try:
+            encs.append(run.ds[i])
+            group_ids.append(step * P + dctx.rank * share + j)  # exact, unique in the step
+        except DataError as e:  # an image that does not decode: the same ones on every run
+            bad.append(str(e))
+    n_bad = int(dctx.sum([float(len(bad))])[0])
+    # several processes exchange equal-length rollout tensors: there a lost prompt stops the run
+    if n_bad and (not args.skip_bad or dctx.world > 1):
+        if step > 0 and run.last_ckpt != os.path.join(args.out, f"step_{step}"):
+            save(run, step)
+        kept = f"saved {run.last_ckpt}" if run.last_ckpt else "no checkpoint was written yet"
+        how = ("--skip-bad cannot skip a prompt with several processes; fix the file and --resume" if args.skip_bad
+               else "Fix the file and --resume, or --resume --skip-bad to skip such prompts")
+        raise DataError(f"step {step + 1}: {bad[0] if bad else 'a prompt on another process failed to load'}; "
+                        f"stopped before the rollout, {kept}. {how}")
+    for err in bad:
+        pbar.write(f"skipped (--skip-bad): {err}")
+    if not encs:
+        raise DataError(f"step {step + 1}: every prompt of this process failed to load ({bad[0]})")
+    return encs, group_ids, n_bad
+
+
+def checksums(run: Run) -> list:
+    """weights_checksum of every process, in rank order (--checksum)."""
+    mine = weights_checksum(run.model, run.dctx.fsdp)
+    if not run.dctx.fsdp:
+        return [mine]
+    sums = [None] * run.dctx.world
+    dist.all_gather_object(sums, mine)
+    return sums
+
+
+def save(run: Run, step: int):
+    """Checkpoint the state after `step` steps (every rank calls this) and make it the run's last."""
+    args = run.args
+    state = dict(step=step, epoch=step // run.steps_per_epoch, batch_in_epoch=step % run.steps_per_epoch,
+                 steps_per_epoch=run.steps_per_epoch, prompts_per_step=args.prompts_per_step,
+                 group_size=args.group_size, num_records=len(run.ds), seed=args.seed, total_steps=run.total_steps,
+                 world_size=run.dctx.world, init_model=run.init_dir, args=vars(args))
+    run.last_ckpt = training.save_checkpoint(run.model, run.optimizer, run.dctx, args.out, step, state, run.model_dir,
+                                             args.save_dtype, args.keep_last, run.improc)
 
 
 if __name__ == "__main__":

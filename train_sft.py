@@ -54,10 +54,9 @@ import argparse
 import json
 import math
 import os
-import pickle
-import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -65,13 +64,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data-loader workers fork after the tokenizer ran
-
-import vas  # noqa: E402
-from data import (IGNORE, IMAGE, DataError, ImageProcessor, SFTDataset, Tokenizer, collate, epoch_batches,
-                  micro_batches)
-from data import UserError, run_cli  # noqa: E402
-from model import check_model_folder, from_pretrained, save_pretrained  # noqa: E402
+import training
+import vas
+from data import (IGNORE, IMAGE, DataError, ImageProcessor, SFTDataset, Tokenizer, UserError, collate, epoch_batches,
+                  micro_batches, run_cli)
+from hub import check_model_folder
 
 parser = argparse.ArgumentParser(description="Cold-start SFT of Qwen2.5-VL with the attention-guided objective",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -125,13 +122,6 @@ parser.add_argument("--save-dtype", default="auto", choices=["auto", "bf16", "fp
 parser.add_argument("--resume", nargs="?", const="auto", default=None,
                     help="continue a run: bare --resume reads OUT/latest; or a step_N folder")
 
-RANK = 0
-
-
-def print0(*a, **k):
-    if RANK == 0:
-        print(*a, **k, flush=True)
-
 
 # --------------------------------------------------------------------------------------------
 # Loss pieces
@@ -169,75 +159,6 @@ def lr_multiplier(step: int, total: int, warmup: int, min_ratio: float = 0.0) ->
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-class NonFiniteLoss(UserError):
-    """The loss or gradient norm is not finite (diverged settings, e.g. too large a learning rate):
-    the run stops with `latest` on the last good checkpoint, one message and no traceback."""
-
-
-# --------------------------------------------------------------------------------------------
-# Distributed setup, FSDP2
-# --------------------------------------------------------------------------------------------
-
-
-def setup_distributed(args):
-    """RANK / WORLD_SIZE from torchrun (absent: one process). Returns rank, world, device, use_fsdp."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    use_fsdp = world > 1 or args.fsdp
-    if use_fsdp and not dist.is_initialized():
-        backend = "nccl" if cuda else "gloo"
-        if "RANK" in os.environ:
-            dist.init_process_group(backend, device_id=device if cuda else None)
-        else:  # --fsdp in a plain `python` process: a one-process group
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return rank, world, device, use_fsdp
-
-
-def shard_model(model, compute_dtype):
-    """FSDP2 as torchtitan: each vision block and decoder layer is a unit, then the root (embeddings,
-    patch embed, merger, final norm, LM head). bf16 params for compute, float32 gradient reduction."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for blk in model.visual.blocks:
-        fully_shard(blk, mp_policy=mp)
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    return model
-
-
-def run_vision_on_text_batches(model):
-    """Under FSDP every process must run the same modules in the same order (each vision block's
-    all-gather is a collective). A micro-batch without images would skip the vision tower on one
-    process while another runs it, and both would hang. So a micro-batch without images runs the
-    tower on one blank 28x28 image and adds 0 * its output: same values, same collectives, and a
-    zero gradient for the tower (which also keeps the backward reduce-scatters in step)."""
-    plain_embed = model.embed
-    vc = model.cfg.vision
-
-    def embed(input_ids, pixel_values=None, image_grid_thw=None, **kw):
-        x = plain_embed(input_ids, pixel_values, image_grid_thw, **kw)
-        if pixel_values is None:
-            grid = torch.tensor([[1, vc.spatial_merge_size, vc.spatial_merge_size]])
-            n = vc.spatial_merge_size ** 2
-            pv = torch.zeros(n, vc.in_chans * vc.temporal_patch_size * vc.patch_size ** 2, device=x.device)
-            x = x + 0.0 * model.visual(pv, grid).sum().to(x.dtype)
-        return x
-
-    model.embed = embed
-
-
-def all_reduce_sum(t: torch.Tensor, distributed: bool) -> torch.Tensor:
-    if distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 def forward_backward(model, mbs, alpha: float, beta: float, ctl_factory, ce_chunk: int, device,
                      autocast=nullcontext(), use_fsdp: bool = False) -> dict:
     """Forward and backward of one optimizer step's micro-batches (this process's share); gradients
@@ -254,7 +175,7 @@ def forward_backward(model, mbs, alpha: float, beta: float, ctl_factory, ce_chun
     local = torch.tensor([sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in mbs),
                           sum(int((mb["roles"] == IMAGE).any(1).sum()) for mb in mbs),
                           sum(int(mb["attention_mask"].sum()) for mb in mbs)], dtype=torch.float64, device=device)
-    n_tok, n_img, n_all = all_reduce_sum(local, use_fsdp).tolist()
+    n_tok, n_img, n_all = training.all_reduce_sum(local, use_fsdp).tolist()
     if n_tok == 0:  # every process sees the same sums, so all of them stop here
         raise DataError("no trained token in this step: all of its records failed to load")
     # lm, enhance, suppress, vas, vas samples, system share, cells at the floor (both summed over image samples)
@@ -283,7 +204,7 @@ def forward_backward(model, mbs, alpha: float, beta: float, ctl_factory, ce_chun
         # FSDP averages gradients over processes; the loss is already the global mean: undo the average
         (loss * world if use_fsdp else loss).backward()
         sums[0] += lm_sum.detach().double()
-    lm, enh, sup, vas_sum, vas_n, share, floor_n = all_reduce_sum(sums, use_fsdp).tolist()
+    lm, enh, sup, vas_sum, vas_n, share, floor_n = training.all_reduce_sum(sums, use_fsdp).tolist()
     lm_loss, enhance, suppress = lm / n_tok, enh / max(n_img, 1), sup / max(n_img, 1)
     return dict(loss=lm_loss + alpha * enhance + beta * suppress, lm_loss=lm_loss, enhance=enhance,
                 suppress=suppress, vas=vas_sum / vas_n if vas_n else None, n_tok=int(n_tok), n_img=int(n_img),
@@ -292,423 +213,217 @@ def forward_backward(model, mbs, alpha: float, beta: float, ctl_factory, ce_chun
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints. OUT/step_N/ is the model folder as the hub has it: config.json, safetensors in the
-# source model's dtype (--save-dtype), and the tokenizer, chat template, generation and preprocessor
-# files of the source folder; it can be uploaded or loaded by transformers as it is. What only a
-# resumed run needs (optimizer, RNG, data position; the float32 master weights when step_N holds a
-# lower precision) is one file beside it, OUT/train_state/step_N.pt. Both are written under
-# temporary names, fsynced and renamed; `latest` is updated last, so it never names a partial one.
+# The run: setup, then per step the data, the update, the report and the checkpoint
 # --------------------------------------------------------------------------------------------
 
-# hub files carried from the source folder into every checkpoint, where it has them
-HUB_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-             "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json",
-             "preprocessor_config.json")
-SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-
-def train_state_path(ckpt: str) -> str:
-    """OUT/train_state/step_N.pt: the training state of the checkpoint OUT/step_N."""
-    ckpt = os.path.normpath(ckpt)
-    return os.path.join(os.path.dirname(ckpt), "train_state", os.path.basename(ckpt) + ".pt")
-
-
-def save_dtype(arg: str, source_dir: str) -> torch.dtype:
-    """--save-dtype: `auto` keeps the dtype config.json of the source folder states (a bf16 hub
-    model stays bf16); bf16, fp16 or fp32 as asked."""
-    from model import config_dtype
-    return config_dtype(source_dir) if arg == "auto" else SAVE_DTYPES[arg]
-
-
-def copy_hub_files(src: str, dst: str, image_processor=None):
-    """The source folder's tokenizer, template, generation and preprocessor files; the
-    preprocessor's pixel bounds set to those of this run (for evaluation and RL to match)."""
-    for f in HUB_FILES:
-        if os.path.exists(os.path.join(src, f)):
-            shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
-    if image_processor is None:
-        return
-    pre = os.path.join(dst, "preprocessor_config.json")
-    if not os.path.exists(pre):
-        image_processor.save(dst)
-        return
-    with open(pre) as f:
-        c = json.load(f)
-    c["size"] = dict(c.get("size") or {}, shortest_edge=image_processor.min_pixels,
-                     longest_edge=image_processor.max_pixels)
-    for key in ("min_pixels", "max_pixels"):  # older files state the bounds twice
-        if key in c:
-            c[key] = getattr(image_processor, key)
-    with open(pre, "w") as f:
-        json.dump(c, f, indent=2)
-
-
-def _fsync_path(path: str):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: str):
-    for root, _, files in os.walk(path):
-        for f in files:
-            _fsync_path(os.path.join(root, f))
-        _fsync_path(root)
-
-
-def write_train_state(path: str, state: dict):
-    """torch.save to a temporary name, fsync, rename: `path` is complete or absent."""
-    tmp = path + ".partial"
-    torch.save(state, tmp)
-    _fsync_path(tmp)
-    os.replace(tmp, path)
-    _fsync_path(os.path.dirname(path))
-
-
-def write_latest(out: str, name: str):
-    tmp = os.path.join(out, "latest.tmp")
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(out, "latest"))  # atomic: readers see the old or the new name
-    _fsync_path(out)
-
-
-def resolve_resume(arg: str, out: str) -> str | None:
-    """`auto`: the checkpoint named in OUT/latest (None if there is none); else a step folder, or a
-    run folder holding `latest`."""
-    path = out if arg == "auto" else arg
-    latest = os.path.join(path, "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            path = os.path.join(path, f.read().strip())
-    elif arg == "auto":
-        return None
-    if not os.path.exists(train_state_path(path)):
-        raise UserError(f"--resume {arg}: {train_state_path(path)} is missing; --resume takes a run folder"
-                        " (with `latest`) or one of its step_N checkpoints")
-    return path
-
-
-def load_for_training(model_dir: str, tok, device, grad_ckpt: bool, freeze_vision: bool):
-    """float32 master weights on `device`, checked against the tokenizer, with activation
-    checkpointing and a frozen vision tower as asked (shared by SFT and GRPO)."""
-    model = from_pretrained(model_dir, dtype=torch.float32, device=device)
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise UserError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens, the model's embedding "
-                        f"{model.cfg.vocab_size}")
-    model.set_gradient_checkpointing(grad_ckpt)
-    if freeze_vision:
-        model.visual.requires_grad_(False)
-    return model
-
-
-def start_run_files(out: str, config: dict, start: int):
-    """Write OUT/run_config.json (the run's full config) and cut OUT/metrics.jsonl back to the
-    steps a resumed run does not redo. Rank 0 only."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "run_config.json"), "w") as f:
-        json.dump(config, f, indent=2, default=str)
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    if os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            lines = [line for line in f if line.strip()]
-        kept = []
-        for n, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-            except ValueError:
-                if n == len(lines):  # the last line, cut by a kill during its write: its step is redone
-                    continue
-                raise ValueError(f"{metrics_path}: line {n} is not JSON") from None
-            if row["step"] <= start:
-                kept.append(line if line.endswith("\n") else line + "\n")
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
-
-
-def save_checkpoint(model, optimizer, step: int, args, state: dict, source_dir: str, use_fsdp: bool,
-                    device, image_processor=None) -> str:
-    """Write OUT/step_N and OUT/train_state/step_N.pt, then `latest` (every rank calls this: the
-    state dicts are gathered collectively). `source_dir`: the folder the run loaded (its dtype and
-    hub files are kept)."""
-    if use_fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        msd = get_model_state_dict(model, options=opts)
-        osd = get_optimizer_state_dict(model, optimizer, options=opts)
-    else:
-        msd, osd = model.state_dict(), optimizer.state_dict()
-    rng = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    rngs = [None] * dist.get_world_size() if use_fsdp else [rng]
-    if use_fsdp:
-        dist.all_gather_object(rngs, rng)
-    name = f"step_{step}"
-    final = os.path.join(args.out, name)
-    if RANK == 0:
-        from model import replace_dir
-        dtype = save_dtype(args.save_dtype, source_dir)
-        tmp = os.path.join(args.out, f".{name}.partial")
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        save_pretrained(model, tmp, state_dict=msd, dtype=dtype)  # config.json + safetensors (hub layout)
-        copy_hub_files(source_dir, tmp, image_processor)
-        fsync_tree(tmp)
-        state = dict(state, optimizer=osd, rng=rngs)
-        if dtype != torch.float32:  # step_N rounds the master weights: resume from these
-            state["model"] = msd
-        os.makedirs(os.path.join(args.out, "train_state"), exist_ok=True)
-        write_train_state(train_state_path(final), state)
-        replace_dir(tmp, final)  # the same step saved again (a resumed run): replaced whole
-        _fsync_path(args.out)
-        write_latest(args.out, name)
-        if args.keep_last > 0:
-            steps = sorted(int(d[5:]) for d in os.listdir(args.out) if d.startswith("step_") and d[5:].isdigit())
-            for s in steps[:-args.keep_last]:
-                shutil.rmtree(os.path.join(args.out, f"step_{s}"))
-                if os.path.exists(train_state_path(os.path.join(args.out, f"step_{s}"))):
-                    os.remove(train_state_path(os.path.join(args.out, f"step_{s}")))
-    if use_fsdp:
-        dist.barrier()
-    return final
-
-
-# --------------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What every step of one SFT run reads: its settings, data, model and optimizer."""
+    args: argparse.Namespace
+    dctx: training.Dist
+    tok: Tokenizer
+    improc: ImageProcessor
+    ds: SFTDataset
+    model_dir: str  # the folder the weights came from (a checkpoint when resumed)
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    autocast: object  # the context of the forwards (bf16 autocast in one process)
+    accum: int  # micro-batches per process and step
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    start: int  # the first step this process runs (> 0 when resumed)
+    last_ckpt: str | None  # the newest complete checkpoint
+    config: dict
 
 
 def main(argv=None):
-    global RANK
     args = parser.parse_args(argv)
-    rank, world, device, use_fsdp = setup_distributed(args)
-    RANK = rank
-    try:
-        return train(args, rank, world, device, use_fsdp)
-    finally:
-        if use_fsdp and dist.is_initialized():
-            dist.destroy_process_group()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data-loader workers fork after the tokenizer ran
+    with training.distributed(args.device, args.fsdp) as dctx:
+        return train(args, dctx)
 
 
-def train(args, rank, world, device, use_fsdp):
-    torch.manual_seed(args.seed + rank)
-    compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32,
-                     "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
-    if args.batch_size % (args.micro_batch * world):
+def setup(args, dctx) -> Run:
+    """The resume point, the data (validated before anything is trained), the model (float32
+    master weights; FSDP2 shards them, bf16 autocast without FSDP), AdamW, the run files."""
+    torch.manual_seed(args.seed + dctx.rank)
+    dtype = training.compute_dtype(args.dtype, dctx.device)
+    if args.batch_size % (args.micro_batch * dctx.world):
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch {args.micro_batch}"
-                         f" x {world} processes")
-    accum = args.batch_size // (args.micro_batch * world)
+                         f" x {dctx.world} processes")
+    accum = args.batch_size // (args.micro_batch * dctx.world)
 
-    # ---- resume point (the model then comes from the checkpoint, optimizer state too)
-    ckpt = resolve_resume(args.resume, args.out) if args.resume else None
+    ckpt = training.resume_checkpoint(args.resume, args.out) if args.resume else None
     if args.resume and ckpt is None:
-        print0(f"--resume: no checkpoint in {args.out}, starting from {args.model}")
+        dctx.print0(f"--resume: no checkpoint in {args.out}, starting from {args.model}")
     model_dir = ckpt or check_model_folder(args.model)  # a run folder (an SFT run for more SFT): its latest
 
-    # ---- data: validated before anything is trained
     tok = Tokenizer(model_dir)
     improc = ImageProcessor.from_pretrained(model_dir, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     ds = SFTDataset(args.data, tok, improc, args.max_len, args.on_long, args.skip_bad, args.max_errors,
                     args.check_images)
-    print0(ds.summary())
+    dctx.print0(ds.summary())
     if ds.stats["bad"]:
-        print0(f"--skip-bad: dropped {ds.stats['bad']} invalid records, e.g.\n  " + "\n  ".join(ds.errors[:5]))
+        dctx.print0(f"--skip-bad: dropped {ds.stats['bad']} invalid records, e.g.\n  " + "\n  ".join(ds.errors[:5]))
     steps_per_epoch = len(ds) // args.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{args.data}: {len(ds)} records, fewer than one batch of --batch-size {args.batch_size}")
     total_steps = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * steps_per_epoch))
     warmup = math.ceil(args.warmup_ratio * total_steps)
 
-    # ---- model: float32 master weights; FSDP2 shards them, bf16 autocast without FSDP
-    model = load_for_training(model_dir, tok, device, args.grad_ckpt, args.freeze_vision)
+    model = training.load_for_training(model_dir, tok, dctx.device, args.grad_ckpt, args.freeze_vision)
     n_params = sum(p.numel() for p in model.parameters())
-    if use_fsdp:
-        shard_model(model, compute_dtype)
-        run_vision_on_text_batches(model)
+    autocast = training.prepare_model(model, dctx, dtype)
     model.train()
-    autocast = (torch.autocast(device.type, dtype=compute_dtype)
-                if not use_fsdp and compute_dtype != torch.float32 else nullcontext())
-
-    # ---- optimizer: AdamW, optional own lr for the vision tower, no decay on biases and norms
-    groups = {}
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        vision = n.startswith("visual.")
-        decay = p.ndim >= 2
-        key = (vision, decay)
-        groups.setdefault(key, {"params": [], "weight_decay": args.weight_decay if decay else 0.0,
-                                "base_lr": (args.vision_lr if vision and args.vision_lr is not None else args.lr)})
-        groups[key]["params"].append(p)
-    optimizer = torch.optim.AdamW(list(groups.values()), lr=args.lr, betas=tuple(args.betas),
-                                  fused=device.type == "cuda")
-
+    optimizer = training.build_optimizer(model, args.lr, args.weight_decay, args.betas, dctx.device, args.vision_lr)
     start = 0
     if ckpt is not None:
-        start = load_train_state(ckpt, model, optimizer, args, rank, world, len(ds), steps_per_epoch, use_fsdp, device)
-        print0(f"resumed from {ckpt} at step {start}")
-    last_ckpt = ckpt
+        expected = dict(batch_size=args.batch_size, seed=args.seed, num_records=len(ds),
+                        group_by_length=not args.no_group_by_length)
+        start = training.restore_train_state(ckpt, training.read_train_state(ckpt), model, optimizer, dctx, expected)
+        dctx.print0(f"resumed from {ckpt} at step {start}")
 
-    config = dict(vars(args), world_size=world, grad_accum=accum, steps_per_epoch=steps_per_epoch,
-                  total_steps=total_steps, warmup_steps=warmup, fsdp=use_fsdp, compute_dtype=str(compute_dtype),
-                  device=str(device), parameters=n_params, data_stats=ds.stats, torch=torch.__version__)
-    print0("config: " + json.dumps(config, default=str))
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    config = dict(vars(args), world_size=dctx.world, grad_accum=accum, steps_per_epoch=steps_per_epoch,
+                  total_steps=total_steps, warmup_steps=warmup, fsdp=dctx.fsdp, compute_dtype=str(dtype),
+                  device=str(dctx.device), parameters=n_params, data_stats=ds.stats, torch=torch.__version__)
+    dctx.print0("config: " + json.dumps(config, default=str))
     if ckpt is None and os.path.exists(os.path.join(args.out, "latest")):
-        print0(f"warning: {args.out} holds checkpoints of an earlier run; this run starts afresh and overwrites them")
-    if rank == 0:
-        start_run_files(args.out, config, start)
+        dctx.print0(f"warning: {args.out} holds checkpoints of an earlier run; this run starts afresh and "
+                    "overwrites them")
+    if dctx.rank == 0:
+        training.start_run_files(args.out, config, start)
+    return Run(args, dctx, tok, improc, ds, model_dir, model, optimizer, autocast, accum, steps_per_epoch,
+               total_steps, warmup, start, ckpt, config)
 
-    # ---- the loop
-    use_ctl = args.agto_alpha != 0 or args.agto_beta != 0
-    layers = vas.parse_layers([args.agto_layers], model.cfg.num_hidden_layers) if args.agto_layers else None
-    from tqdm import tqdm
 
-    def train_state(step):
-        return dict(step=step, epoch=step // steps_per_epoch, batch_in_epoch=step % steps_per_epoch,
-                    steps_per_epoch=steps_per_epoch, batch_size=args.batch_size, num_records=len(ds),
-                    seed=args.seed, group_by_length=not args.no_group_by_length, total_steps=total_steps,
-                    warmup_steps=warmup, world_size=world, args=vars(args))
+def train(args, dctx):
+    from tqdm import tqdm  # a progress bar only
 
-    pbar = tqdm(total=total_steps, initial=start, disable=rank != 0, dynamic_ncols=True, desc="sft")
+    run = setup(args, dctx)
+    pbar = tqdm(total=run.total_steps, initial=run.start, disable=dctx.rank != 0, dynamic_ncols=True, desc="sft")
+    history, skipped = [], 0  # skipped: records that failed to load, this process's run
+    floor_warned = -10 ** 9  # the step of the last warning that the system mass sits at its floor
     try:
-        history, skipped = [], 0  # skipped: records that failed to load, this process's run
-        floor_warned = -10 ** 9  # the step of the last warning that the system mass sits at its floor
-        step = start
-        loader, epoch = None, -1
-        while step < total_steps:
-            if loader is None:  # (re)build this process's micro-batch stream from the current position
-                epoch, k = divmod(step, steps_per_epoch)
-                batches = epoch_batches(ds.lengths, args.batch_size, args.seed, epoch, not args.no_group_by_length)
-                sampler = [mb for b in batches[k:] for mb in micro_batches(b, args.micro_batch, rank, world)]
-                loader = iter(torch.utils.data.DataLoader(
-                    ds, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                    collate_fn=partial(collate, pad_id=tok.pad_id)))
+        batches = step_batches(run)
+        for step in range(run.start, run.total_steps):
             t0 = time.time()
-            mbs = [next(loader) for _ in range(accum)]
-            if (step + 1) % steps_per_epoch == 0:
-                loader = None
-            # records whose images passed validation but do not decode (collate lists them); the
-            # same records on every run, so a resumed run skips exactly what the first one skipped
-            bad = [err for mb in mbs for _, err in mb["skipped"]]
-            n_bad = int(all_reduce_sum(torch.tensor([len(bad)], device=device), use_fsdp).item())
-            if n_bad and not args.skip_bad:
-                if step > 0 and last_ckpt != os.path.join(args.out, f"step_{step}"):
-                    last_ckpt = save_checkpoint(model, optimizer, step, args, train_state(step), model_dir,
-                                                use_fsdp, device, improc)
-                kept = f"saved {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                raise DataError(f"step {step + 1}: {bad[0] if bad else 'a record on another process failed to load'}"
-                                f"; stopped before the update, {kept}. Fix the file and --resume, or "
-                                f"--resume --skip-bad to skip such records")
-            for err in bad:
-                pbar.write(f"skipped (--skip-bad): {err}")
+            mbs = next(batches)
+            n_bad = skip_bad_records(run, step, mbs, pbar)
             skipped += n_bad
-
-            mult = lr_multiplier(step, total_steps, warmup, args.min_lr_ratio)
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * mult
-            ctl_factory = (partial(vas.AttentionGuidedLoss, layers=layers, chunk_size=args.agto_chunk, eps=args.agto_eps,
-                                   sys_floor=args.agto_sys_floor) if use_ctl else None)
-            r = forward_backward(model, mbs, args.agto_alpha, args.agto_beta, ctl_factory, args.ce_chunk, device,
-                                 autocast, use_fsdp)
-            lm_loss, enhance, suppress, n_tok, n_img, n_all = (r[k] for k in ("lm_loss", "enhance", "suppress", "n_tok",
-                                                                               "n_img", "n_all"))
-            total = r["loss"]
-
-            params = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-                grad_norm = grad_norm.full_tensor()
-            grad_norm = float(grad_norm)
-            if not (math.isfinite(total) and math.isfinite(grad_norm)):
-                where = f"the last good checkpoint is {last_ckpt} (--resume)" if last_ckpt else "no checkpoint was written yet"
-                raise NonFiniteLoss(f"step {step + 1}: non-finite loss {total} (lm {lm_loss}, enhance {enhance}, "
-                                    f"suppress {suppress}, grad norm {grad_norm}); stopped before the update; {where}")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            dt = time.time() - t0
-            row = dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=total, lm_loss=lm_loss,
-                       enhance=enhance if use_ctl else None, suppress=suppress if use_ctl else None,
-                       vas=r["vas"], sys_share=r["sys_share"], at_floor=r["at_floor"], grad_norm=grad_norm,
-                       lr=args.lr * mult, tokens_per_s=n_all / dt, n_tokens=int(n_tok), n_all_tokens=int(n_all),
-                       n_image_samples=int(n_img), skipped=n_bad)
+            row, r = update(run, step, mbs)
+            row.update(tokens_per_s=r["n_all"] / (time.time() - t0), n_tokens=r["n_tok"], n_all_tokens=r["n_all"],
+                       n_image_samples=r["n_img"], skipped=n_bad)
             history.append(row)
-            if rank == 0 and r["at_floor"] is not None and r["at_floor"] > 0.5 and floor_warned < step - 50:
-                floor_warned = step  # at most one warning per 50 steps
-                what = (f"--agto-sys-floor {args.agto_sys_floor} (or below): L_suppress pulls it back up there"
-                        if args.agto_sys_floor > 0 else
-                        f"the eps floor ({args.agto_eps:g}): the system turn has lost its attention, VAS reads "
-                        f"{r['vas']:.3g} and no longer measures anything; consider --agto-sys-floor")
-                tqdm.write(f"warning: step {step}: in {100 * r['at_floor']:.0f}% of the (sample, layer, head) cells "
-                           f"the system turn's share of the user turn's attention (mean {r['sys_share']:.2e}) sits "
-                           f"at {what}")
-            if rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                # the LM loss first: the objective's terms are logs of attention masses (the
-                # suppress term is negative), so the total alone does not show learning
-                terms = (dict(enhance=f"{enhance:.3f}", suppress=f"{suppress:.2f}", sys=f"{r['sys_share']:.3f}")
-                         if use_ctl and r["sys_share"] is not None else {})
-                pbar.set_postfix(lm_loss=f"{lm_loss:.4f}", **terms, lr=f"{row['lr']:.2e}",
-                                 tok_s=f"{row['tokens_per_s']:.0f}", **({"skipped": skipped} if skipped else {}))
-                pbar.update(1)
-
-            if step == total_steps or (args.save_every > 0 and step % args.save_every == 0):
-                last_ckpt = save_checkpoint(model, optimizer, step, args, train_state(step), model_dir, use_fsdp,
-                                            device, improc)
+            if floor_warned < row["step"] - 50 and warn_at_floor(run, row, pbar):
+                floor_warned = row["step"]  # at most one warning per 50 steps
+            if dctx.rank == 0:
+                training.append_metrics(args.out, row)
+                show_progress(run, pbar, row, skipped)
+            done = step + 1
+            if done == run.total_steps or (args.save_every > 0 and done % args.save_every == 0):
+                save(run, done)
     finally:
         pbar.close()
-    return {"metrics": history, "checkpoint": last_ckpt, "config": config}
+    return {"metrics": history, "checkpoint": run.last_ckpt, "config": run.config}
 
 
-def load_train_state(ckpt, model, optimizer, args, rank, world, num_records, steps_per_epoch, use_fsdp, device) -> int:
-    """Optimizer, RNG and data position from train_state_path(ckpt); returns the step to continue
-    from. The model weights were already loaded from ckpt (and are replaced by the float32 master
-    weights where the checkpoint holds a lower precision)."""
-    state = read_train_state(ckpt)
-    for key, now in (("batch_size", args.batch_size), ("seed", args.seed), ("num_records", num_records),
-                     ("group_by_length", not args.no_group_by_length)):
-        if state[key] != now:
-            raise UserError(f"cannot resume from {ckpt}: {key} was {state[key]}, now {now} (the data order would differ)")
-    restore_weights_and_optimizer(model, optimizer, state, use_fsdp)
-    if state["world_size"] == world:
-        rng = state["rng"][rank]
-        torch.set_rng_state(rng["cpu"])
-        if device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], device)
-    return int(state["step"])
+def step_batches(run: Run):
+    """This process's micro-batches, `accum` per step, from the run's start: the epoch's batches
+    (epoch_batches, a function of the seed and the epoch) cut into micro-batches over processes;
+    the loader is rebuilt at every epoch, and at the resume point."""
+    args, step = run.args, run.start
+    while True:  # one epoch (or its rest) per pass
+        epoch, k = divmod(step, run.steps_per_epoch)
+        batches = epoch_batches(run.ds.lengths, args.batch_size, args.seed, epoch, not args.no_group_by_length)
+        sampler = [mb for b in batches[k:] for mb in micro_batches(b, args.micro_batch, run.dctx.rank, run.dctx.world)]
+        loader = iter(torch.utils.data.DataLoader(
+            run.ds, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=run.dctx.device.type == "cuda",
+            collate_fn=partial(collate, pad_id=run.tok.pad_id)))
+        for _ in range(k, run.steps_per_epoch):
+            yield [next(loader) for _ in range(run.accum)]
+        step = (epoch + 1) * run.steps_per_epoch
 
 
-def read_train_state(ckpt: str) -> dict:
-    path = train_state_path(ckpt)
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # absent, truncated, not a torch file
-        raise UserError(f"{path}: cannot read the training state of {ckpt} ({e})") from None
+def skip_bad_records(run: Run, step: int, mbs, pbar) -> int:
+    """Records whose images passed validation but do not decode (collate lists them): the same
+    records on every run, so a resumed run skips exactly what the first one skipped. Without
+    --skip-bad the run stops before the update, saved at the step before. Returns their number
+    over all processes."""
+    bad = [err for mb in mbs for _, err in mb["skipped"]]
+    n_bad = int(training.all_reduce_sum(torch.tensor([len(bad)], device=run.dctx.device), run.dctx.fsdp).item())
+    if n_bad and not run.args.skip_bad:
+        if step > 0 and run.last_ckpt != os.path.join(run.args.out, f"step_{step}"):
+            save(run, step)
+        kept = f"saved {run.last_ckpt}" if run.last_ckpt else "no checkpoint was written yet"
+        raise DataError(f"step {step + 1}: {bad[0] if bad else 'a record on another process failed to load'}"
+                        f"; stopped before the update, {kept}. Fix the file and --resume, or "
+                        f"--resume --skip-bad to skip such records")
+    for err in bad:
+        pbar.write(f"skipped (--skip-bad): {err}")
+    return n_bad
 
 
-def restore_weights_and_optimizer(model, optimizer, state: dict, use_fsdp: bool):
-    """The float32 master weights (if the checkpoint stored them) and the optimizer state."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    if "model" in state:
-        if use_fsdp:
-            set_model_state_dict(model, state["model"], options=opts)
-        else:
-            model.load_state_dict(state["model"])
-    if use_fsdp:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
-    else:
-        optimizer.load_state_dict(state["optimizer"])
+def update(run: Run, step: int, mbs):
+    """Update `step` (0-based): the lr of the schedule, forward_backward over the micro-batches,
+    the clipped and checked gradient, the optimizer step. Returns the metrics row and the losses."""
+    args = run.args
+    mult = lr_multiplier(step, run.total_steps, run.warmup, args.min_lr_ratio)
+    training.set_lr(run.optimizer, mult)
+    use_ctl = args.agto_alpha != 0 or args.agto_beta != 0
+    layers = vas.parse_layers([args.agto_layers], run.model.cfg.num_hidden_layers) if args.agto_layers else None
+    ctl_factory = (partial(vas.AttentionGuidedLoss, layers=layers, chunk_size=args.agto_chunk, eps=args.agto_eps,
+                           sys_floor=args.agto_sys_floor) if use_ctl else None)
+    r = forward_backward(run.model, mbs, args.agto_alpha, args.agto_beta, ctl_factory, args.ce_chunk,
+                         run.dctx.device, run.autocast, run.dctx.fsdp)
+    grad_norm = training.clip_grad_norm(run.model, args.grad_clip)
+    training.check_finite(step + 1, r["loss"], grad_norm, run.last_ckpt,
+                          f"lm {r['lm_loss']}, enhance {r['enhance']}, suppress {r['suppress']}, ")
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    row = dict(step=step + 1, epoch=round((step + 1) / run.steps_per_epoch, 4), loss=r["loss"], lm_loss=r["lm_loss"],
+               enhance=r["enhance"] if use_ctl else None, suppress=r["suppress"] if use_ctl else None,
+               vas=r["vas"], sys_share=r["sys_share"], at_floor=r["at_floor"], grad_norm=grad_norm,
+               lr=args.lr * mult)
+    return row, r
+
+
+def warn_at_floor(run: Run, row: dict, pbar) -> bool:
+    """Warn (rank 0) when in most (sample, layer, head) cells the system turn's share of the user
+    turn's attention sits at the floor of L_suppress (the term pulls it back up) or at eps (VAS no longer
+    measures anything. Returns whether it warned."""
+    if run.dctx.rank != 0 or row["at_floor"] is None or row["at_floor"] <= 0.5:
+        return False
+    args = run.args
+    what = (f"--agto-sys-floor {args.agto_sys_floor} (or below): L_suppress pulls it back up there"
+            if args.agto_sys_floor > 0 else
+            f"the eps floor ({args.agto_eps:g}): the system turn has lost its attention, VAS reads "
+            f"{row['vas']:.3g} and no longer measures anything; consider --agto-sys-floor")
+    pbar.write(f"warning: step {row['step']}: in {100 * row['at_floor']:.0f}% of the (sample, layer, head) cells "
+               f"the system turn's share of the user turn's attention (mean {row['sys_share']:.2e}) sits at {what}")
+    return True
+
+
+def show_progress(run: Run, pbar, row: dict, skipped: int):
+    # the LM loss first: the objective's terms are logs of attention masses (the suppress term is
+    # negative), so the total alone does not show learning
+    terms = (dict(enhance=f"{row['enhance']:.3f}", suppress=f"{row['suppress']:.2f}", sys=f"{row['sys_share']:.3f}")
+             if row["enhance"] is not None and row["sys_share"] is not None else {})
+    pbar.set_postfix(lm_loss=f"{row['lm_loss']:.4f}", **terms, lr=f"{row['lr']:.2e}",
+                     tok_s=f"{row['tokens_per_s']:.0f}", **({"skipped": skipped} if skipped else {}))
+    pbar.update(1)
+
+
+def save(run: Run, step: int):
+    """Checkpoint the state after `step` updates (every rank calls this) and make it the run's last."""
+    args = run.args
+    state = dict(step=step, epoch=step // run.steps_per_epoch, batch_in_epoch=step % run.steps_per_epoch,
+                 steps_per_epoch=run.steps_per_epoch, batch_size=args.batch_size, num_records=len(run.ds),
+                 seed=args.seed, group_by_length=not args.no_group_by_length, total_steps=run.total_steps,
+                 warmup_steps=run.warmup, world_size=run.dctx.world, args=vars(args))
+    run.last_ckpt = training.save_checkpoint(run.model, run.optimizer, run.dctx, args.out, step, state, run.model_dir,
+                                             args.save_dtype, args.keep_last, run.improc)
 
 
 if __name__ == "__main__":

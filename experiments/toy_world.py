@@ -316,7 +316,7 @@ def readme_section(res):
     b = res["bounded"]
     lines += ["", f"System share of the user turn's attention (base models, mean over seeds): "
               f"{b['base_sys_share']['mean']:.3f}; sft_avar floors it at {b['sys_floor']} (--agto-sys-floor). "
-              f"Fraction of (sample, layer, head) cells at the floor over the last 20 training steps: sft_avar "
+              f"Fraction of the query rows (over layers and heads) at or below the floor over the last 20 training steps: sft_avar "
               f"{b['at_floor']['sft_avar']['mean']:.2f}, sft_avar_paper {b['at_floor']['sft_avar_paper']['mean']:.2f}; "
               f"system share there: sft_avar {b['final_sys_share']['sft_avar']['mean']:.2e}, sft_avar_paper "
               f"{b['final_sys_share']['sft_avar_paper']['mean']:.2e}. Largest lambda_v * r_visual in GRPO: "
@@ -480,7 +480,7 @@ def main():
 
     # 5. pictures
     if correlation["r"] is not None:
-        scatter_png(main_pts + [pt for pt in all_pts if pt[0] in ABLATIONS and abs(pt[1]) < 1e3],
+        scatter_png(main_pts + [pt for pt in all_pts if pt[0] in ABLATIONS and abs(pt[1]) < 1e3],  # not VAS ~1e13
                     os.path.join(args.results, "vas_vs_accuracy.png"),
                     "VAS vs accuracy, one dot per checkpoint (toy world)", correlation)
     rec = [json.loads(l) for l in open(os.path.join(toy, "eval.jsonl"))][2]  # a count problem (round robin)

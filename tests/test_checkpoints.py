@@ -25,9 +25,11 @@ from PIL import Image
 
 import train_grpo
 import train_sft
+import training
 from conftest import make_hf_model
 from data import make_byte_tokenizer
 from hub import read_safetensors_header
+from model import from_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CARRIED = ["chat_template.jinja", "generation_config.json", "merges.txt", "tokenizer.json",
@@ -153,7 +155,7 @@ def check_hub_checkpoint(world, out, name, max_pixels):
     assert {k: v for k, v in info.items() if v} == {}, info
     assert messages == [], messages
     assert m.dtype == torch.bfloat16
-    ours = train_sft.from_pretrained(ck, dtype=torch.bfloat16).state_dict()
+    ours = from_pretrained(ck, dtype=torch.bfloat16).state_dict()
     assert torch.equal(ours["lm_head.weight"], m.lm_head.weight)
     return state
 
@@ -163,7 +165,7 @@ def test_sft_checkpoint_is_a_bf16_hub_folder_and_resumes_exactly(world, tmp_path
     ref = train_sft.main(sft_args(world, a))["metrics"]
     state = check_hub_checkpoint(world, a, "step_4", max_pixels=262144)  # train_sft's default
     # the float32 master weights in the state differ from the bf16 copy (the reason they are kept)
-    bf16 = train_sft.from_pretrained(str(a / "step_4"), dtype=torch.float32).state_dict()
+    bf16 = from_pretrained(str(a / "step_4"), dtype=torch.float32).state_dict()
     assert not torch.equal(bf16["lm_head.weight"], state["model"]["lm_head.weight"])
     assert torch.equal(bf16["lm_head.weight"], state["model"]["lm_head.weight"].bfloat16().float())
     # resumed from step 2 (of the bf16 folder + master weights): the same steps 3 and 4
@@ -202,13 +204,14 @@ KILLER = r"""
 import os, signal, sys
 import torch
 import train_sft
+import training
 where, args = sys.argv[1], sys.argv[2:]
 calls = {"n": 0}
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
-real_save_pretrained, real_torch_save, real_write_latest = train_sft.save_pretrained, torch.save, train_sft.write_latest
+real_save_pretrained, real_torch_save, real_write_latest = training.save_pretrained, torch.save, training.write_latest
 
 def save_pretrained(*a, **k):
     real_save_pretrained(*a, **k)
@@ -227,7 +230,7 @@ def write_latest(out, name):
         die()
     real_write_latest(out, name)
 
-train_sft.save_pretrained, torch.save, train_sft.write_latest = save_pretrained, torch_save, write_latest
+training.save_pretrained, torch.save, training.write_latest = save_pretrained, torch_save, write_latest
 torch.set_num_threads(1)
 train_sft.main(args)
 """
@@ -249,7 +252,7 @@ def test_kill_inside_a_save_keeps_latest_on_a_complete_checkpoint(world, sft_ref
     # whatever the kill left of step 4 is under a temporary name, never the checkpoint's own
     if where != "latest":
         assert not (out / "step_4").exists() and not (out / "train_state" / "step_4.pt").exists()
-    train_sft.from_pretrained(str(out / "step_2"), dtype=torch.float32)  # complete and loadable
+    from_pretrained(str(out / "step_2"), dtype=torch.float32)  # complete and loadable
     got = train_sft.main(sft_args(world, out, "--resume"))["metrics"]
     assert [(m["step"], m["loss"]) for m in got] == [(m["step"], m["loss"]) for m in sft_reference[2:]]
     assert (out / "latest").read_text().strip() == "step_4"
@@ -272,7 +275,7 @@ def test_fsdp_resume_restores_the_float32_master_weights(world, tmp_path):
     a = tmp_path / "a"
     ref = torchrun(a)
     state = torch.load(a / "train_state" / "step_2.pt", weights_only=True)
-    disk = train_sft.from_pretrained(str(a / "step_2"), dtype=torch.float32).state_dict()
+    disk = from_pretrained(str(a / "step_2"), dtype=torch.float32).state_dict()
     assert sorted(state["model"]) == sorted(disk) and state["model"]["lm_head.weight"].dtype == torch.float32
     assert dtypes_on_disk(a / "step_2") == {"BF16"}
     shutil.rmtree(a / "step_4")

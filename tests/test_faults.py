@@ -22,6 +22,7 @@ from PIL import Image
 import evaluate as E
 import train_grpo as tg
 import train_sft
+import training
 from data import DataError, ImageProcessor, SFTDataset, Tokenizer, epoch_batches, micro_batches
 from model import from_pretrained
 from test_grpo import make_model_dir, token_parity_reward
@@ -300,7 +301,7 @@ def test_grpo_nonfinite_loss_stops_on_last_good_checkpoint(rl_world, tmp_path, m
     monkeypatch.setattr(tg, "policy_loss", poisoned)
     monkeypatch.setattr(tg, "grpo_step", counting)
     out = tmp_path / "nan"
-    with pytest.raises(train_sft.NonFiniteLoss, match=r"step 3: non-finite") as e:
+    with pytest.raises(training.NonFiniteLoss, match=r"step 3: non-finite") as e:
         tg.main(grpo_args(rl_world, out, 4, "--skip-bad"), reward_fn=token_parity_reward)
     assert str(out / "step_2") in str(e.value)
     assert (out / "latest").read_text().strip() == "step_2" and not (out / "step_3").exists()
@@ -420,8 +421,8 @@ def test_resume_drops_a_metrics_line_cut_by_the_kill(tmp_path):
     keeps the steps up to it and drops the rest; a bad line elsewhere is an error naming it."""
     rows = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)]
     (tmp_path / "metrics.jsonl").write_text(rows[0] + rows[1] + rows[2][:9])
-    train_sft.start_run_files(str(tmp_path), {"seed": 0}, 1)
+    training.start_run_files(str(tmp_path), {"seed": 0}, 1)
     assert (tmp_path / "metrics.jsonl").read_text() == rows[0]
     (tmp_path / "metrics.jsonl").write_text(rows[0] + rows[1][:9] + "\n" + rows[2])
     with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not JSON"):
-        train_sft.start_run_files(str(tmp_path), {"seed": 0}, 1)
+        training.start_run_files(str(tmp_path), {"seed": 0}, 1)

@@ -23,6 +23,7 @@ import train_grpo as tg
 import vas
 from data import RESPONSE, DataError, ImageProcessor, Tokenizer, make_byte_tokenizer
 from model import Config, Qwen2_5_VL, VisionConfig, from_pretrained, init_weights, save_pretrained
+from rollouts import Rollout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
@@ -101,7 +102,7 @@ def rollout_from_texts(tok, enc, texts):
     comp = torch.full((n, max(map(len, rows))), tok.pad_id)
     for i, r in enumerate(rows):
         comp[i, :len(r)] = torch.tensor(r)
-    return tg.Rollout([enc["input_ids"]] * n, [enc["roles"]] * n, [enc["pixel_values"]] * n,
+    return Rollout([enc["input_ids"]] * n, [enc["roles"]] * n, [enc["pixel_values"]] * n,
                       [enc["image_grid_thw"]] * n, [enc["record"]] * n, comp,
                       torch.tensor([len(r) for r in rows]), torch.zeros(n, dtype=torch.long), list(texts),
                       torch.ones(n, dtype=torch.bool))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import train_sft
+import training
 import vas
 from conftest import make_hf_model
 from data import (IGNORE, IMAGE, PAD_ROLE, DataError, ImageProcessor, SFTDataset, Tokenizer, collate,
@@ -330,7 +331,7 @@ def test_resume_after_crash_mid_save(world, reference_run, tmp_path, monkeypatch
     Resuming from it gives the uninterrupted run's losses for steps 3 and 4."""
     out = tmp_path / "crash"
     calls = {"n": 0}
-    real = train_sft.write_train_state
+    real = training.write_train_state
 
     def crashing(path, state):
         calls["n"] += 1
@@ -338,10 +339,10 @@ def test_resume_after_crash_mid_save(world, reference_run, tmp_path, monkeypatch
             raise OSError("disk full (simulated)")
         real(path, state)
 
-    monkeypatch.setattr(train_sft, "write_train_state", crashing)
+    monkeypatch.setattr(training, "write_train_state", crashing)
     with pytest.raises(OSError, match="simulated"):
         train_sft.main(base_args(world, out))
-    monkeypatch.setattr(train_sft, "write_train_state", real)
+    monkeypatch.setattr(training, "write_train_state", real)
     assert (out / "latest").read_text().strip() == "step_2"
     assert not (out / "step_4").exists() and (out / "train_state" / "step_2.pt").exists()
     from_pretrained(str(out / "step_2"), dtype=torch.float32)  # complete and loadable
@@ -368,7 +369,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(world, tmp_path, monkeypa
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(train_sft, "chunked_cross_entropy", poisoned)
-    with pytest.raises(train_sft.NonFiniteLoss, match=r"step 3: non-finite loss") as e:
+    with pytest.raises(training.NonFiniteLoss, match=r"step 3: non-finite loss") as e:
         train_sft.main(base_args(world, out))
     assert str(out / "step_2") in str(e.value)
     assert (out / "latest").read_text().strip() == "step_2" and not (out / "step_3").exists()
@@ -381,7 +382,7 @@ def test_checkpoint_loads_in_model_and_transformers(world, reference_run):
     ck = os.path.join(reference_run["out"], "step_4")
     assert sorted(os.listdir(ck)) == ["config.json", "generation_config.json", "model.safetensors",
                                       "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"]
-    state = torch.load(train_sft.train_state_path(ck), weights_only=True)
+    state = torch.load(training.train_state_path(ck), weights_only=True)
     assert "model" not in state  # a float32 source: step_4 holds the master weights themselves
     assert state["step"] == 4 and state["epoch"] == 2 and len(state["rng"]) == 1
     ours = from_pretrained(ck, dtype=torch.float32).eval()
