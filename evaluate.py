@@ -1,375 +1,59 @@
-"""Benchmark evaluation for the Qwen2.5-VL / AVAR models: read benchmarks, grade answers.
+"""Benchmark evaluation of the Qwen2.5-VL / AVAR models: accuracy, VAS, intervention sweeps.
 
-Answers are graded by grading.py (extract_answer, grade, format_ok; its docstring has the rules).
-This top part is model-independent and is shared with training (the SFT and GRPO prompts):
+Benchmark files are read by benchmarks.py (VLMEvalKit TSV and the project's jsonl; its docstring
+describes the records) and answers graded by grading.py (extract_answer, grade, format_ok; its
+docstring has the rules). read_benchmark and grade are re-exported here. This file holds:
 
-  read_benchmark(path)        a VLMEvalKit .tsv or the project's .jsonl -> list of records.
-  load_images(record)         decode a record's images (kept as sources until needed).
-  build_prompt(record)        the user-turn text in the training format.
+  build_prompt(record)        the user-turn text in the training format (SFT and GRPO share it).
+  evaluate_benchmark(model, tok, proc, records, out_path, setting=Setting(), ...) -> summary row
+  evaluate(model, tok, proc, benchmarks, out_dir, settings, ...) -> rows; writes summary.md/.json
+  correlate(paths) -> {"r", "p", "n", "files"}: Pearson r between mean VAS and accuracy
 
-Records (one dict per question):
-  id           str, unique in the file
-  images       list of image sources: a str is base64-encoded image bytes (VLMEvalKit TSV), a
-               pathlib.Path is a file, bytes are an encoded image (inline training images), a
-               PIL.Image.Image is used as is. load_images() decodes them (data.load_image);
-               the readers already checked that each one decodes.
-  question     str (a TSV "hint" is prepended as "Hint: ...")
-  options      list[str], option A first; empty when the question is not multiple choice
-  answer       str, the gold answer; None in a test split without answers (predicted, not scored)
-  answer_type  one of ANSWER_TYPES, or None (grade() then infers it)
-  benchmark    the file's stem, e.g. "MathVista_MINI"
-  and, from a TSV only where its columns give them:
-  precision    int, decimals a float answer is graded to (MathVista)
-  unit         str, the answer's unit, removed from predictions (MathVista)
-  groups       {column: [values]} from the GROUP_COLUMNS (category, l2-category, task, skills,
-               problem_version)
-  options_in_question  True when the question text already lists the options (MathVista,
-               MathVerse): build_prompt then does not repeat them
+Each batch of questions is encoded, answered by batched generation (KV cache, the intervention
+`Setting` in every decode step), graded, and its prompts measured for VAS (vas.py; bands by
+vas.band: "narrow" < 10 <= "wide" <= 15 < "panoramic").
 
-Inputs:
-  VLMEvalKit TSV: columns index, question, answer, and image (base64; or a python/JSON list of
-    base64 strings; or, when 64 characters or fewer, the index of another row holding the image)
-    or image_path (paths relative to the TSV's folder); options in columns A, B, C, ...; optional
-    hint, answer_type, question_type. Rows with no image are dropped, as VLMEvalKit drops them.
-    MathVista_MINI: options only in `choices` (a python-literal list, read with ast.literal_eval),
-    the answer as option text and `answer_option` its letter (graded, as VLMEvalKit does),
-    question_type "multi_choice" / "free_form", answer_type integer / float / text / list,
-    `precision`, `unit`, `task` and `skills` (a list literal). MathVerse: question_type
-    "multi-choice" with the options in the question after a "Choices:" line ("A:2"), answer the
-    letter. A test split (MMBench_TEST) with no answer column, or an empty one on every row: all
-    rows are predicted, none scored; answers missing on only some rows is an error.
-  jsonl, one JSON object per line (blank lines skipped):
-    {"id": "geo-17", "images": ["img/17.png"], "question": "Find x.", "options": ["3", "4"],
-     "answer": "B", "answer_type": "multi_choice"}
-    images: paths relative to the jsonl's folder ("image": "img/17.png" is also accepted);
-    options and answer_type are optional.
-  Bad input raises ValueError naming the file and the row (TSV: data rows counted from 1 after
-  the header) or line (jsonl).
+Predictions file out/predictions/<benchmark>__<setting>.jsonl, one line per question:
+  {"id", "benchmark", "setting": {a_img, a_sys, layers}, "config": {max_new_tokens, temperature,
+   top_p, seed, min_pixels, max_pixels, vas, vas_layers}, "answer" (gold), "answer_type", "response",
+   "extracted", "correct", "stopped" (ended on a stop token rather than at max_new_tokens),
+   "new_tokens", "prompt_tokens", "vas", "vas_per_layer" (VAS of each layer in "vas_layers"),
+   and "groups" (the record's category / task / skills) where the benchmark has them}
+VAS is null for a prompt it does not count (no image or no system turn); "answer" and "correct"
+are null on a test split without answers (predicted, not scored).
+Beside it, <benchmark>__<setting>.tsv: the VLMEvalKit-style table (index, question, answer,
+prediction, hit, extracted), rewritten when the benchmark is done.
+Lines are appended and flushed batch by batch. A rerun with the same arguments skips the ids
+already in the file; the half-written last line a crash may leave is cut off and redone. A file
+written with another setting or config is refused rather than mixed.
 
-The evaluation loop (batched generation, VAS, sweeps) follows the marker further down. Run:
+Run:
 
     python evaluate.py --model DIR --bench MathVista_MINI.tsv my.jsonl --out results/
     python evaluate.py --model DIR --bench b.tsv --out sweep/ --a-img 0 0.15 --a-sys 0 0.05 0.4
     python evaluate.py --correlate ckpt1/predictions/*.jsonl ckpt2/predictions/*.jsonl --out corr/
 """
 
-import ast
-import base64
+import argparse
 import csv
-import io
+import dataclasses
 import json
 import math
-import re
-import sys
+import os
 from pathlib import Path
 
-from PIL import Image
+import torch
 
-from grading import ANSWER_TYPES, extract_answer, format_ok, grade, same_value  # format_ok: re-exported
+from benchmarks import IMAGE_ERRORS, load_images, read_benchmark, read_benchmark_file  # read_benchmark: re-exported
+from data import PAD_ROLE, DataError, ImageProcessor, Tokenizer, UserError, encode_chat, run_cli
+from grading import extract_answer, format_ok, grade  # grade, format_ok: re-exported
+from model import from_pretrained
+from vas import Intervention, measure_vas, parse_layers
+from vas import vas as vas_of_stats
 
 # The instruction closing every user turn; training data synthesis reuses these two strings.
 ANSWER_INSTRUCTION = "Reason inside <think> </think>, then give the final answer inside <answer> </answer>."
 CHOICE_INSTRUCTION = "Answer with the option letter."
-
-
-# ---- benchmark readers ----
-
-# What PIL raises on bad image data (an image over its pixel limit raises DecompressionBombError,
-# which is not an OSError).
-IMAGE_ERRORS = (ValueError, OSError, SyntaxError, Image.DecompressionBombError)
-
-
-def _check_image(data: bytes | Path) -> None:
-    """Raise unless the bytes or file are an image PIL can open. verify() reads headers and
-    checksums without decoding pixels, so checking a whole benchmark stays cheap."""
-    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-        im.verify()
-
-
-def _b64_bytes(text: str) -> bytes:
-    return base64.b64decode("".join(text.split()), validate=True)
-
-
-def _open_rgb(src) -> Image.Image:
-    """One image source -> RGB exactly as transformers' processor sees it (data.load_image:
-    transparency composited on white)."""
-    from data import load_image
-
-    if isinstance(src, str):  # base64 (VLMEvalKit TSV)
-        src = _b64_bytes(src)
-    return load_image(src)
-
-
-def load_images(record: dict) -> list[Image.Image]:
-    """Decode a record's images as RGB PIL images (what the processor expects)."""
-    return [_open_rgb(src) for src in record["images"]]
-
-
-def _check_file(p: Path, where: str) -> None:
-    if not p.is_file():
-        raise ValueError(f"{where}: image file {str(p)!r} does not exist")
-    try:
-        _check_image(p)
-    except IMAGE_ERRORS as e:
-        raise ValueError(f"{where}: {str(p)!r} is not an image ({e})") from None
-
-
-def _present(cell: str | None) -> bool:
-    """A TSV cell with content (pandas writes missing values as "" or "nan")."""
-    return cell is not None and cell.strip() != "" and cell.strip().lower() != "nan"
-
-
-def _cell_list(cell: str) -> list[str]:
-    """A TSV cell holding one string or a list of strings (JSON or python repr: ['a', 'b'])."""
-    cell = cell.strip()
-    if not cell.startswith("["):
-        return [cell]
-    try:
-        items = json.loads(cell)
-    except json.JSONDecodeError:
-        # python repr of a list of base64 strings or paths: quoted items, no quotes inside
-        items = re.findall(r"'([^']*)'|\"([^\"]*)\"", cell)
-        items = [a or b for a, b in items]
-    if not isinstance(items, list) or not items or not all(isinstance(x, str) for x in items):
-        raise ValueError("expected a list of strings")
-    return items
-
-
-def _answer_type(options: list, answer_type: str | None, question_type: str | None) -> str | None:
-    """The record's answer type from the file's columns; None when they state none we know.
-    question_type is "multi_choice" in MathVista, "multi-choice" in MathVerse."""
-    if options or question_type.replace("-", "_") == "multi_choice":
-        return "multi_choice"
-    return answer_type if answer_type in ANSWER_TYPES else None
-
-
-def _literal_list(cell: str) -> list | None:
-    """A python-literal list cell (MathVista's choices and skills: "['3/11', '8/11']"), read with
-    ast.literal_eval (never eval); None when the cell is not one."""
-    try:
-        value = ast.literal_eval(cell.strip())
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return None
-    return [str(v) for v in value] if isinstance(value, (list, tuple)) else None
-
-
-_TEXT_OPTION = re.compile(r"\(?([A-Z])\)?\s*[:.)]?\s*(.+)")
-
-
-def _options_in_text(question: str) -> list[str]:
-    """The options a question lists after its "Choices:" line (MathVerse: "A:2", MathVista:
-    "(A) 2"), option A first and consecutive; [] when it lists none."""
-    m = re.search(r"(?im)^\s*choices\s*:?\s*$", question)
-    if m is None:
-        return []
-    options = []
-    for line in question[m.end():].strip().splitlines():
-        hit = _TEXT_OPTION.fullmatch(line.strip())
-        if hit is None or hit.group(1) != chr(65 + len(options)):
-            break
-        options.append(hit.group(2).strip())
-    return options
-
-
-# Columns whose values group the accuracy in the summary: MMBench's category / l2-category,
-# MathVista's task and skills (a list literal: a question counts in each of its skills), MathVerse's
-# problem_version (the split VLMEvalKit's MathVerse score lists).
-GROUP_COLUMNS = ("category", "l2-category", "task", "skills", "problem_version")
-
-
-def _set_csv_field_limit() -> None:
-    # base64 images are far longer than csv's default 128 KiB field limit
-    limit = sys.maxsize
-    while True:
-        try:
-            csv.field_size_limit(limit)
-            return
-        except OverflowError:  # C long is 32 bits on some platforms
-            limit //= 10
-
-
-def read_tsv(path: str | Path) -> list[dict]:
-    """Read a VLMEvalKit benchmark TSV (format in the module docstring)."""
-    path = Path(path)
-    _set_csv_field_limit()
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        header = reader.fieldnames
-        if not header:
-            raise ValueError(f"{path}: empty file")
-        rows = list(reader)
-    missing = [c for c in ("index", "question") if c not in header]
-    if "image" not in header and "image_path" not in header:
-        missing.append("image")
-    if missing:
-        raise ValueError(f"{path}: missing required column(s) {missing}")
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    letters = [chr(65 + i) for i in range(26) if chr(65 + i) in header]
-    # A test split (MMBench_TEST) has no answers: no answer column, or an empty one. Its rows are
-    # predicted and left unscored. A file with some answers missing is an error instead.
-    scored = "answer" in header and any(_present(r.get("answer")) for r in rows)
-
-    # VLMEvalKit saves space by writing, in place of a repeated image, the index of a row that
-    # holds it; a real base64 image is always longer than 64 characters.
-    by_index = {(r.get("index") or "").strip(): r.get("image") or "" for r in rows}
-    checked = set()  # image cells already decoded once (shared by referring rows)
-    records, seen = [], set()
-    for n, row in enumerate(rows, 1):
-        where = f"{path}: row {n} (index {row.get('index')!r})"
-        for col in ("index", "question") + (("answer",) if scored else ()):
-            if not _present(row.get(col)):
-                raise ValueError(f"{where}: empty {col!r}")
-        idx = row["index"].strip()
-        if idx in seen:
-            raise ValueError(f"{where}: duplicate index")
-        seen.add(idx)
-
-        cell = (row.get("image") or "").strip()
-        if _present(cell):
-            key = idx
-            if len(cell) <= 64:
-                key, cell = cell, by_index.get(cell, "").strip()
-                if len(cell) <= 64:
-                    raise ValueError(f"{where}: image refers to index {key!r}, which holds no image")
-            try:
-                images = _cell_list(cell)
-            except ValueError:
-                raise ValueError(f"{where}: image cell is not base64 nor a list of base64 strings") from None
-            for b64 in images if key not in checked else []:
-                try:
-                    data = _b64_bytes(b64)
-                except ValueError:
-                    raise ValueError(f"{where}: image is not valid base64") from None
-                try:
-                    _check_image(data)
-                except IMAGE_ERRORS as e:
-                    raise ValueError(f"{where}: image bytes are not an image ({type(e).__name__})") from None
-            checked.add(key)
-        elif _present(row.get("image_path")):
-            try:
-                images = [path.parent / p for p in _cell_list(row["image_path"])]
-            except ValueError as e:
-                raise ValueError(f"{where}: bad image_path ({e})") from None
-            for p in images:
-                _check_file(p, where)
-        else:
-            continue  # no image: VLMEvalKit drops such rows too
-
-        filled = [c for c in letters if _present(row[c])]
-        if filled != letters[:len(filled)]:  # a gap (A, B, D) would silently re-letter D as C
-            raise ValueError(f"{where}: option columns are not consecutive from A")
-        options = [row[c].strip() for c in filled]
-        question = row["question"].strip()
-        question_type = (row.get("question_type") or "").strip()
-        extra = {}
-        if not options and _present(row.get("choices")) and row["choices"].strip() != "None":
-            # MathVista: multiple-choice options only in `choices`, a list literal
-            options = _literal_list(row["choices"])  # None: not a list
-            if options is None:
-                raise ValueError(f"{where}: choices {row['choices'][:80]!r} is not a list literal")
-        if not options and question_type.replace("-", "_") == "multi_choice":
-            options = _options_in_text(question)  # MathVerse: options inside the question
-            extra["options_in_question"] = bool(options)
-        elif options and not filled:
-            # MathVista's question already lists its choices: the prompt must not repeat them.
-            extra["options_in_question"] = bool(re.search(r"(?im)^\s*choices\s*:", question))
-        if not extra.get("options_in_question"):
-            extra.pop("options_in_question", None)
-        if _present(row.get("hint")):
-            question = f"Hint: {row['hint'].strip()}\n{question}"
-        answer = row["answer"].strip() if scored else None
-        letter = (row.get("answer_option") or "").strip()
-        if answer is not None and re.fullmatch(r"[A-Z]", letter):
-            # MathVista: answer is the option's text, answer_option its letter; VLMEvalKit grades
-            # the letter (two options may share a text).
-            if ord(letter) - 65 >= len(options):
-                raise ValueError(f"{where}: answer_option {letter!r} but {len(options)} options")
-            if not same_value(options[ord(letter) - 65], answer):  # a misaligned row
-                raise ValueError(f"{where}: answer {answer!r} is not option {letter} "
-                                 f"({options[ord(letter) - 65]!r})")
-            answer = letter
-        if _present(row.get("precision")):
-            try:
-                extra["precision"] = int(float(row["precision"]))
-            except ValueError:
-                raise ValueError(f"{where}: precision {row['precision']!r} is not a number") from None
-        if _present(row.get("unit")):
-            extra["unit"] = row["unit"].strip()
-        groups = {}
-        for col in GROUP_COLUMNS:
-            if _present(row.get(col)):
-                cell = row[col].strip()
-                groups[col] = (_literal_list(cell) or [cell]) if cell.startswith("[") else [cell]
-        if groups:
-            extra["groups"] = groups
-        records.append(dict(
-            id=idx, images=images, question=question, options=options, answer=answer,
-            answer_type=_answer_type(options, (row.get("answer_type") or "").strip(), question_type),
-            benchmark=path.stem, **extra))
-    return records
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read the project's benchmark jsonl (format in the module docstring)."""
-    path = Path(path)
-    records, seen = [], set()
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            for key in ("id", "question", "answer"):
-                if obj.get(key) is None or str(obj[key]).strip() == "":
-                    raise ValueError(f"{where}: missing field {key!r}")
-            if "images" in obj:
-                paths = obj["images"]
-            elif "image" in obj:
-                paths = [obj["image"]]
-            else:
-                raise ValueError(f"{where}: missing field 'images'")
-            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-                raise ValueError(f"{where}: 'images' must be a list of paths")
-            images = [path.parent / p for p in paths]  # an absolute p stays absolute
-            for p in images:
-                _check_file(p, where)
-            options = obj.get("options") or []
-            if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
-                raise ValueError(f"{where}: 'options' must be a list of strings")
-            answer_type = obj.get("answer_type")
-            if answer_type is not None and answer_type not in ANSWER_TYPES:
-                raise ValueError(f"{where}: answer_type {answer_type!r} not in {ANSWER_TYPES}")
-            rid = str(obj["id"])
-            if rid in seen:
-                raise ValueError(f"{where}: duplicate id {rid!r}")
-            seen.add(rid)
-            records.append(dict(
-                id=rid, images=images, question=str(obj["question"]).strip(), options=options,
-                answer=str(obj["answer"]).strip(),
-                answer_type=answer_type or ("multi_choice" if options else None),
-                benchmark=path.stem))
-    if not records:
-        raise ValueError(f"{path}: empty file")
-    return records
-
-
-def read_benchmark(path: str | Path) -> list[dict]:
-    """Read a benchmark file, by extension: .tsv (VLMEvalKit) or .jsonl (this project)."""
-    suffix = Path(path).suffix.lower()
-    try:
-        if suffix == ".tsv":
-            return read_tsv(path)
-        if suffix == ".jsonl":
-            return read_jsonl(path)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
-    raise ValueError(f"{path}: unknown benchmark format {suffix!r} (expected .tsv or .jsonl)")
 
 
 def build_prompt(record: dict) -> str:
@@ -384,47 +68,7 @@ def build_prompt(record: dict) -> str:
     return "\n".join(lines) + "\n" + instruction
 
 
-# ---- evaluation loop ----
-#
-# Batched generation over benchmark records, one predictions jsonl per (benchmark, setting):
-#
-#   evaluate_benchmark(model, tok, proc, records, out_path, setting=Setting(), ...) -> summary row
-#   evaluate(model, tok, proc, bench_paths, out_dir, settings, ...)  -> rows; writes summary.md/.json
-#   correlate(paths) -> {"r", "p", "n", "files"}: Pearson r between mean VAS and accuracy
-#
-# Run:
-#   python evaluate.py --model DIR --bench MathVista_MINI.tsv geo.jsonl --out results/
-#   python evaluate.py --model DIR --bench MathVista_MINI.tsv --out sweep/ --a-img 0.15 --a-sys 0 0.05 0.4
-#   python evaluate.py --correlate ckpt1/predictions/X__base.jsonl ckpt2/predictions/X__base.jsonl
-#
-# Predictions file out/predictions/<benchmark>__<setting>.jsonl, one line per question:
-#   {"id", "benchmark", "setting": {a_img, a_sys, layers}, "config": {max_new_tokens, temperature,
-#    top_p, seed, min_pixels, max_pixels, vas, vas_layers}, "answer" (gold), "answer_type", "response",
-#    "extracted", "correct", "stopped" (ended on a stop token rather than at max_new_tokens),
-#    "new_tokens", "prompt_tokens", "vas", "vas_per_layer" (VAS of each layer in "vas_layers"),
-#    and "groups" (the record's category / task / skills) where the benchmark has them}
-# VAS is null for a prompt it does not count (no image or no system turn); "answer" and "correct"
-# are null on a test split without answers (predicted, not scored).
-# Beside it, <benchmark>__<setting>.tsv: the VLMEvalKit-style table (index, question, answer,
-# prediction, hit, extracted), rewritten when the benchmark is done.
-# Lines are appended and flushed batch by batch. A rerun with the same arguments skips the ids
-# already in the file; the half-written last line a crash may leave is cut off and redone. A file
-# written with another setting or config is refused rather than mixed.
-#
-# Bands of the paper (VAS): "narrow" < 10 <= "wide" <= 15 < "panoramic".
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import os  # noqa: E402
-
-import torch  # noqa: E402
-
-from data import PAD_ROLE, DataError, ImageProcessor, Tokenizer, encode_chat  # noqa: E402
-from data import UserError, run_cli  # noqa: E402
-from model import from_pretrained  # noqa: E402
-from vas import Intervention, measure_vas, parse_layers  # noqa: E402
-from vas import vas as vas_of_stats  # noqa: E402
-
+# ---- intervention settings ----
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
@@ -702,7 +346,7 @@ def _accuracy(preds: list[dict]) -> float | None:
 def summarize(preds: list[dict]) -> dict:
     """n, accuracy (%, over the scored predictions; None when none is: a test split without
     answers), unscored, mean VAS (over the predictions that have one) and its band, and, where the
-    benchmark has group columns (GROUP_COLUMNS), "groups": {column: {value: {"n", "accuracy"}}}."""
+    benchmark has group columns (benchmarks.GROUP_COLUMNS), "groups": {column: {value: {"n", "accuracy"}}}."""
     n = len(preds)
     vas = [p["vas"] for p in preds if p.get("vas") is not None]
     mean_vas = sum(vas) / len(vas) if vas else None
@@ -927,22 +571,6 @@ def parse_args(argv=None):
     if not 0.0 < args.top_p <= 1.0 or args.temperature < 0:
         ap.error("--top-p must be in (0, 1] and --temperature >= 0")
     return args
-
-
-def read_benchmark_file(path: str) -> list[dict]:
-    """read_benchmark for the command line: a file that is missing, not UTF-8, empty or not a
-    benchmark is a UserError naming it (the readers' messages name the file and row)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such benchmark file")
-    try:
-        records = read_benchmark(path)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if not records:
-        raise UserError(f"{path}: no questions")
-    return records
 
 
 def main(argv=None):
