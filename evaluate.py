@@ -229,8 +229,8 @@ def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: lis
 
     Predictions go to `out_path` (a jsonl, appended batch by batch; ids already there are skipped).
     Each batch: encode the prompts, generate (KV cache, intervention `setting` in every decode step),
-    grade, and measure VAS on the prompts (user-turn queries, the same intervention) unless `vas` is
-    False. Sampling (temperature > 0) draws from seed + the batch's first record index, so a resumed
+    measure VAS on the prompts (user-turn queries, the same intervention) unless `vas` is False, and
+    grade. Sampling (temperature > 0) draws from seed + the batch's first record index, so a resumed
     run repeats the batches it had not finished. on_batch(preds) is called after each batch is written.
 
     A question whose image passed the reader's check but does not decode (a truncated file) stops
@@ -239,77 +239,30 @@ def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: lis
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    gen_kw = {"compile": True} if compile else {}  # model.generate's compiled decode step (GPU)
     config = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
               "min_pixels": proc.min_pixels, "max_pixels": proc.max_pixels, "vas": vas,
               "vas_layers": sorted(int(l) for l in vas_layers) if vas_layers is not None else None}
-    ids = [r["id"] for r in records]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{out_path}: the records repeat ids")
-    done = {}
-    for p in read_predictions(out_path, repair=True):
-        _check_same_run(out_path, p, setting.to_dict(), config)
-        done[p["id"]] = p
+    done = _resume(out_path, records, setting, config)  # id -> prediction already in the file
     todo = [(i, r) for i, r in enumerate(records) if r["id"] not in done]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        name = records[0].get("benchmark", out_path.stem) if records else out_path.stem
-        bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"{name} [{setting.tag}]",
-                   unit="q", dynamic_ncols=True)
-    stop_ids = list(tok.stop_ids)
+    bar = _progress_bar(records, todo, out_path, setting) if progress else None
+    log = bar.write if bar is not None else print
     skipped = []
     with open(out_path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), batch_size):
-            chunk, encs = [], []
-            for i, rec in todo[start:start + batch_size]:
-                try:
-                    encs.append(encode_record(tok, proc, rec))
-                    chunk.append((i, rec))
-                except IMAGE_ERRORS as e:
-                    files = ", ".join(str(p) for p in rec["images"] if isinstance(p, Path)) or "base64 cell"
-                    err = f"{rec.get('benchmark')}: id {rec['id']!r}: cannot decode image ({files}): {e}"
-                    if not skip_bad:
-                        raise DataError(f"{err}; the predictions so far are kept in {out_path} (a rerun "
-                                        f"continues; --skip-bad skips such questions)") from None
-                    skipped.append(rec["id"])
-                    (bar.write if bar is not None else print)(f"skipped (--skip-bad): {err}")
-                    if bar is not None:
-                        bar.update(1)
+            chunk, encs, bad = _encode_batch(tok, proc, todo[start:start + batch_size], out_path, skip_bad)
+            for rid, err in bad:
+                skipped.append(rid)
+                log(f"skipped (--skip-bad): {err}")
+                if bar is not None:
+                    bar.update(1)
             if not chunk:
                 continue
-            pixel_values, grids = _concat_images(encs)
-            dev = next(model.parameters()).device
-            if pixel_values is not None:
-                pixel_values, grids = pixel_values.to(dev), grids.to(dev)
-            tokens, lengths = model.generate(
-                [e["input_ids"] for e in encs], pixel_values, grids, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, seed=seed + chunk[0][0], stop_ids=stop_ids,
-                pad_id=tok.pad_id, vocab_limit=tok.vocab_size,
-                attn_ctl_factory=_ctl_factory(encs, setting) if setting.active else None, **gen_kw)
-            tokens, lengths = tokens.cpu(), lengths.cpu()
+            outs = _generate(model, tok, encs, setting, seed=seed + chunk[0][0], max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p, compile=compile)
             vas_values = _measure_vas(model, encs, setting, vas_layers) if vas else [(None, None, None)] * len(encs)
-            preds = []
-            for (_, rec), enc, row, n, (v, v_layers, v_ids) in zip(chunk, encs, tokens, lengths.tolist(), vas_values):
-                out = row[:n].tolist()
-                response = tok.decode_response(out)
-                extracted = extract_answer(response)
-                correct = None  # a test split without answers: predicted, not scored
-                if rec["answer"] is not None:
-                    correct = grade(extracted, rec["answer"], rec.get("options"), rec.get("answer_type"),
-                                    precision=rec.get("precision"), unit=rec.get("unit"))
-                preds.append({
-                    "id": rec["id"], "benchmark": rec.get("benchmark"), "setting": setting.to_dict(),
-                    "config": config, "answer": rec["answer"], "answer_type": rec.get("answer_type"),
-                    "response": response, "extracted": extracted, "correct": correct,
-                    "stopped": bool(out) and out[-1] in stop_ids, "new_tokens": n,
-                    "prompt_tokens": len(enc["input_ids"]), "vas": v,
-                    "vas_per_layer": v_layers, "vas_layers": v_ids,
-                    **({"groups": rec["groups"]} if rec.get("groups") else {})})
-            # one write per batch, then flush: a crash leaves whole batches plus at most a cut line
-            f.write("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
-            f.flush()
-            os.fsync(f.fileno())
+            preds = [_prediction(tok, rec, enc, out, v, setting, config)
+                     for (_, rec), enc, out, v in zip(chunk, encs, outs, vas_values)]
+            _append(f, preds)
             done.update((p["id"], p) for p in preds)
             if bar is not None:
                 bar.update(len(preds))
@@ -323,6 +276,94 @@ def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: lis
     row.update(benchmark=records[0].get("benchmark") if records else out_path.stem, setting=setting.tag,
                predictions=str(out_path), skipped=len(skipped))
     return row
+
+
+def _resume(out_path: Path, records: list[dict], setting: Setting, config: dict) -> dict:
+    """{id: prediction} of the predictions already in out_path (a cut last line is removed), each
+    checked to come from this setting and config."""
+    ids = [r["id"] for r in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{out_path}: the records repeat ids")
+    done = {}
+    for p in read_predictions(out_path, repair=True):
+        _check_same_run(out_path, p, setting.to_dict(), config)
+        done[p["id"]] = p
+    return done
+
+
+def _progress_bar(records: list[dict], todo: list, out_path: Path, setting: Setting):
+    from tqdm import tqdm  # imported only when a bar is shown
+
+    name = records[0].get("benchmark", out_path.stem) if records else out_path.stem
+    return tqdm(total=len(records), initial=len(records) - len(todo), desc=f"{name} [{setting.tag}]",
+                unit="q", dynamic_ncols=True)
+
+
+def _encode_batch(tok: Tokenizer, proc: ImageProcessor, batch: list, out_path: Path, skip_bad: bool):
+    """Encode: the (index, record) pairs of `batch` whose images decode, their encodings
+    (encode_record), and (id, message) of those that do not (DataError unless skip_bad)."""
+    chunk, encs, bad = [], [], []
+    for i, rec in batch:
+        try:
+            encs.append(encode_record(tok, proc, rec))
+            chunk.append((i, rec))
+        except IMAGE_ERRORS as e:
+            files = ", ".join(str(p) for p in rec["images"] if isinstance(p, Path)) or "base64 cell"
+            err = f"{rec.get('benchmark')}: id {rec['id']!r}: cannot decode image ({files}): {e}"
+            if not skip_bad:
+                raise DataError(f"{err}; the predictions so far are kept in {out_path} (a rerun "
+                                f"continues; --skip-bad skips such questions)") from None
+            bad.append((rec["id"], err))
+    return chunk, encs, bad
+
+
+def _generate(model, tok: Tokenizer, encs: list[dict], setting: Setting, *, seed: int, max_new_tokens: int,
+              temperature: float, top_p: float, compile: bool) -> list[list[int]]:
+    """Generate: each prompt's new token ids (up to and including its stop token), by
+    model.generate under the intervention `setting`."""
+    pixel_values, grids = _concat_images(encs)
+    dev = next(model.parameters()).device
+    if pixel_values is not None:
+        pixel_values, grids = pixel_values.to(dev), grids.to(dev)
+    gen_kw = {"compile": True} if compile else {}  # model.generate's compiled decode step (GPU)
+    tokens, lengths = model.generate(
+        [e["input_ids"] for e in encs], pixel_values, grids, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, seed=seed, stop_ids=list(tok.stop_ids),
+        pad_id=tok.pad_id, vocab_limit=tok.vocab_size,
+        attn_ctl_factory=_ctl_factory(encs, setting) if setting.active else None, **gen_kw)
+    return [row[:n].tolist() for row, n in zip(tokens.cpu(), lengths.cpu().tolist())]
+
+
+def _grade_record(rec: dict, extracted: str | None) -> bool | None:
+    """Grade: the extracted answer against the record's gold one (grading.grade); None on
+    a test split without answers (predicted, not scored)."""
+    if rec["answer"] is None:
+        return None
+    return grade(extracted, rec["answer"], rec.get("options"), rec.get("answer_type"),
+                 precision=rec.get("precision"), unit=rec.get("unit"))
+
+
+def _prediction(tok: Tokenizer, rec: dict, enc: dict, out: list[int], vas_value: tuple, setting: Setting,
+                config: dict) -> dict:
+    """One line of the predictions file (its fields are listed in the module docstring)."""
+    v, v_layers, v_ids = vas_value
+    response = tok.decode_response(out)
+    extracted = extract_answer(response)
+    return {
+        "id": rec["id"], "benchmark": rec.get("benchmark"), "setting": setting.to_dict(),
+        "config": config, "answer": rec["answer"], "answer_type": rec.get("answer_type"),
+        "response": response, "extracted": extracted, "correct": _grade_record(rec, extracted),
+        "stopped": bool(out) and out[-1] in tok.stop_ids, "new_tokens": len(out),
+        "prompt_tokens": len(enc["input_ids"]), "vas": v,
+        "vas_per_layer": v_layers, "vas_layers": v_ids,
+        **({"groups": rec["groups"]} if rec.get("groups") else {})}
+
+
+def _append(f, preds: list[dict]) -> None:
+    """One write per batch, then flush to disk: a crash leaves whole batches plus at most a cut line."""
+    f.write("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def write_prediction_table(records: list[dict], preds: list[dict], path: str | Path) -> None:
