@@ -42,6 +42,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from benchmarks import IMAGE_ERRORS, load_images, read_benchmark, read_benchmark_file  # read_benchmark: re-exported
@@ -514,8 +515,6 @@ def pearson(x, y) -> dict:
     p-value of H0: r = 0 from t = r sqrt((n - 2) / (1 - r^2)) with n - 2 degrees of freedom:
     p = I_{df / (df + t^2)}(df / 2, 1 / 2). r is None when n < 2 or one side is constant; p is None
     when n < 3."""
-    import numpy as np
-
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"pearson: x and y must be 1-D of one length, got {x.shape} and {y.shape}")
@@ -617,27 +616,29 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.correlate is not None:
-        result = correlate(args.correlate)
-        print(correlation_table(result), end="")
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "correlation.json").write_text(json.dumps(result, indent=2) + "\n")
-            (Path(args.out) / "correlation.md").write_text(correlation_table(result))
-        return result
+        return run_correlation(args.correlate, args.out)
+    return run_evaluation(args)
 
+
+def run_correlation(paths: list[str], out: str | None) -> dict:
+    """--correlate: print the table of mean VAS and accuracy per predictions file with Pearson r;
+    with --out, also write correlation.json and correlation.md there."""
+    result = correlate(paths)
+    print(correlation_table(result), end="")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "correlation.json").write_text(json.dumps(result, indent=2) + "\n")
+        (Path(out) / "correlation.md").write_text(correlation_table(result))
+    return result
+
+
+def run_evaluation(args) -> list[dict]:
+    """Evaluate --model on every --bench under every (--a-img, --a-sys) setting; writes --out."""
     config = vars(args).copy()
     print("config:", json.dumps(config))
     benchmarks = [read_benchmark_file(path) for path in args.bench]  # bad input fails before the model loads
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
-    model = from_pretrained(args.model, dtype=dtype, device=args.device).eval()
-    tok = Tokenizer(args.model)
-    proc = ImageProcessor.from_pretrained(args.model, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
-    n_layers = model.cfg.num_hidden_layers
-    layers = parse_layers(args.intervention_layers, n_layers)
-    layers = tuple(layers) if layers is not None else None
-    vas_layers = parse_layers(args.vas_layers, n_layers)
-    settings = list(dict.fromkeys(Setting(a, s, layers if (a or s) else None)
-                                  for a in args.a_img for s in args.a_sys))
+    model, tok, proc = load_model(args)
+    settings, vas_layers = sweep_settings(args, model.cfg.num_hidden_layers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_summary([], out, config=config)
@@ -648,6 +649,25 @@ def main(argv=None):
     table = write_summary(rows, out, config=config)
     print(table, end="")
     return rows
+
+
+def load_model(args):
+    """(model, tokenizer, image processor) from the --model folder, in --dtype on --device."""
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
+    model = from_pretrained(args.model, dtype=dtype, device=args.device).eval()
+    tok = Tokenizer(args.model)
+    proc = ImageProcessor.from_pretrained(args.model, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
+    return model, tok, proc
+
+
+def sweep_settings(args, n_layers: int) -> tuple[list[Setting], list[int] | None]:
+    """The intervention settings of the sweep (every --a-img with every --a-sys, duplicates once;
+    the model as is has no layers) and the layers VAS averages (None: all)."""
+    layers = parse_layers(args.intervention_layers, n_layers)
+    layers = tuple(layers) if layers is not None else None
+    settings = list(dict.fromkeys(Setting(a, s, layers if (a or s) else None)
+                                  for a in args.a_img for s in args.a_sys))
+    return settings, parse_layers(args.vas_layers, n_layers)
 
 
 if __name__ == "__main__":
