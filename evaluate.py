@@ -215,6 +215,34 @@ def _check_same_run(path, pred: dict, setting: dict, config: dict) -> None:
 
 # ---- the evaluation loop ----
 
+def evaluate(model, tok: Tokenizer, proc: ImageProcessor, benchmarks, out_dir: str | Path,
+             settings=(Setting(),), limit: int | None = None, **kw) -> list[dict]:
+    """Every benchmark under every intervention setting (a sweep: one predictions file each); writes
+    out_dir/summary.md and out_dir/summary.json and returns the rows. `kw` goes to evaluate_benchmark.
+    benchmarks: file paths, or record lists already read by read_benchmark. All files are read (and
+    so checked) before the first generation."""
+    out_dir = Path(out_dir)
+    benches = []
+    for bench in benchmarks:
+        records = bench if isinstance(bench, list) else read_benchmark(bench)
+        if not records:
+            raise UserError(f"{bench if not isinstance(bench, list) else 'a benchmark record list'}: no questions")
+        name = records[0]["benchmark"]
+        if name in [b[0] for b in benches]:
+            raise UserError(f"{bench if not isinstance(bench, list) else name}: a second benchmark named "
+                             f"{name!r} (predictions files are named by the file stem)")
+        benches.append((name, records[:limit] if limit is not None else records))
+    rows = []
+    for setting in settings:
+        for name, records in benches:
+            rows.append(evaluate_benchmark(model, tok, proc, records,
+                                           out_dir / "predictions" / f"{name}__{setting.tag}.jsonl",
+                                           setting=setting, **kw))
+            rows[-1]["setting_detail"] = setting.to_dict()
+            write_summary(rows, out_dir)  # after each file, so an interrupted sweep keeps its table
+    return rows
+
+
 def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: list[dict], out_path: str | Path, *,
                        setting: Setting = Setting(), batch_size: int = 8, max_new_tokens: int = 512,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, vas: bool = True,
@@ -361,6 +389,8 @@ def _append(f, preds: list[dict]) -> None:
     os.fsync(f.fileno())
 
 
+# ---- the prediction table and the summaries ----
+
 def write_prediction_table(records: list[dict], preds: list[dict], path: str | Path) -> None:
     """The predictions as VLMEvalKit writes them beside its results: a TSV with columns index,
     question, answer, prediction (the whole response), hit (1 or 0; empty when unscored), plus our
@@ -404,34 +434,6 @@ def summarize(preds: list[dict]) -> dict:
         row["groups"] = {col: {v: {"n": len(ps), "accuracy": _accuracy(ps)} for v, ps in sorted(by.items())}
                          for col, by in members.items()}
     return row
-
-
-def evaluate(model, tok: Tokenizer, proc: ImageProcessor, benchmarks, out_dir: str | Path,
-             settings=(Setting(),), limit: int | None = None, **kw) -> list[dict]:
-    """Every benchmark under every intervention setting (a sweep: one predictions file each); writes
-    out_dir/summary.md and out_dir/summary.json and returns the rows. `kw` goes to evaluate_benchmark.
-    benchmarks: file paths, or record lists already read by read_benchmark. All files are read (and
-    so checked) before the first generation."""
-    out_dir = Path(out_dir)
-    benches = []
-    for bench in benchmarks:
-        records = bench if isinstance(bench, list) else read_benchmark(bench)
-        if not records:
-            raise UserError(f"{bench if not isinstance(bench, list) else 'a benchmark record list'}: no questions")
-        name = records[0]["benchmark"]
-        if name in [b[0] for b in benches]:
-            raise UserError(f"{bench if not isinstance(bench, list) else name}: a second benchmark named "
-                             f"{name!r} (predictions files are named by the file stem)")
-        benches.append((name, records[:limit] if limit is not None else records))
-    rows = []
-    for setting in settings:
-        for name, records in benches:
-            rows.append(evaluate_benchmark(model, tok, proc, records,
-                                           out_dir / "predictions" / f"{name}__{setting.tag}.jsonl",
-                                           setting=setting, **kw))
-            rows[-1]["setting_detail"] = setting.to_dict()
-            write_summary(rows, out_dir)  # after each file, so an interrupted sweep keeps its table
-    return rows
 
 
 def _fmt(x, digits=2) -> str:
