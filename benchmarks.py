@@ -32,9 +32,11 @@ The VLMEvalKit TSV columns read, and what they mean:
                writes a repeated image once)
   image_path   instead of image: path(s) relative to the TSV's folder
   A, B, C, ... the options, consecutive from A
-  hint         context prepended to the question
-  answer_type  integer / float / text / list (MathVista), see grading.py
-  question_type  "multi_choice" / "free_form" (MathVista), "multi-choice" (MathVerse)
+  hint         context, prepended to the question as "Hint: ..."
+  answer_type  integer / float / text / list (MathVista): kept when it is one of
+               grading.ANSWER_TYPES, else left to grading.grade to infer
+  question_type  "multi_choice" / "free_form" (MathVista), "multi-choice" (MathVerse); a row
+               with options or a multiple-choice question_type gets answer_type multi_choice
   choices      MathVista: the options as a python-literal list (read with ast.literal_eval)
   answer_option  MathVista: the letter of the answer, which `answer` gives as option text;
                graded as the letter, as VLMEvalKit does

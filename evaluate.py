@@ -4,14 +4,15 @@ Benchmark files are read by benchmarks.py (VLMEvalKit TSV and the project's json
 describes the records) and answers graded by grading.py (extract_answer, grade, format_ok; its
 docstring has the rules). read_benchmark and grade are re-exported here. This file holds:
 
-  build_prompt(record)        the user-turn text in the training format (SFT and GRPO share it).
   evaluate_benchmark(model, tok, proc, records, out_path, setting=Setting(), ...) -> summary row
   evaluate(model, tok, proc, benchmarks, out_dir, settings, ...) -> rows; writes summary.md/.json
   correlate(paths) -> {"r", "p", "n", "files"}: Pearson r between mean VAS and accuracy
 
 Each batch of questions is encoded, answered by batched generation (KV cache, the intervention
-`Setting` in every decode step), graded, and its prompts measured for VAS (vas.py; bands by
-vas.band: "narrow" < 10 <= "wide" <= 15 < "panoramic").
+`Setting` in every decode step: attention logits to image keys times (1 + a_img), to system keys
+times (1 - a_sys), method section 3), its prompts measured for VAS (vas.py, equation 1; bands by
+vas.band: "narrow" < 10 <= "wide" <= 15 < "panoramic"), and graded. Across checkpoints, correlate
+gives Pearson r between mean VAS and accuracy, with its p-value from Student's t.
 
 Predictions file out/predictions/<benchmark>__<setting>.jsonl, one line per question:
   {"id", "benchmark", "setting": {a_img, a_sys, layers}, "config": {max_new_tokens, temperature,
