@@ -58,6 +58,8 @@ ANSWER_INSTRUCTION = "Reason inside <think> </think>, then give the final answer
 CHOICE_INSTRUCTION = "Answer with the option letter."
 
 
+
+
 def build_prompt(record: dict) -> str:
     """The user-turn text: question, "A. text" option lines, then the answer instruction.
     (The image placeholders are added by the chat template, not here.)"""
@@ -70,7 +72,7 @@ def build_prompt(record: dict) -> str:
     return "\n".join(lines) + "\n" + instruction
 
 
-# ---- intervention settings ----
+# ---- evaluation loop ----
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
@@ -214,7 +216,7 @@ def _check_same_run(path, pred: dict, setting: dict, config: dict) -> None:
                              f"uses {want}: choose another output folder (or delete the file)")
 
 
-# ---- the evaluation loop ----
+# ---- the sweep, and one benchmark in batches ----
 
 def evaluate(model, tok: Tokenizer, proc: ImageProcessor, benchmarks, out_dir: str | Path,
              settings=(Setting(),), limit: int | None = None, **kw) -> list[dict]:
