@@ -1,4 +1,4 @@
-"""Benchmark readers of evaluate.py: VLMEvalKit TSV and the project's jsonl, good and bad input."""
+"""Benchmark readers of benchmarks.py: VLMEvalKit TSV and the project's jsonl, good and bad input."""
 
 import base64
 import csv

@@ -299,11 +299,11 @@ def test_in_memory_modes_equal_transformers():
 
 
 def test_evaluate_images_go_through_the_same_conversion(tmp_path):
-    """evaluate.load_images (paths, base64 TSV cells, PIL images) == data.load_image."""
+    """benchmarks.load_images (paths, base64 TSV cells, PIL images) == data.load_image."""
     import base64
     from pathlib import Path
 
-    from evaluate import load_images
+    from benchmarks import load_images
     path = _saved_modes(tmp_path)["P_tRNS.png"]
     b64 = base64.b64encode(path.read_bytes()).decode()
     with Image.open(path) as im:

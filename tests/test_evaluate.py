@@ -486,3 +486,16 @@ def test_answerless_split_is_predicted_not_scored(parts, tmp_path, monkeypatch):
     assert "| MMBench_TEST_EN | base | 3 | - |" in (tmp_path / "out" / "summary.md").read_text()
     table = read_table(tmp_path / "out" / "predictions" / "MMBench_TEST_EN__base.tsv")
     assert [(t["answer"], t["hit"]) for t in table] == [("", "")] * 3
+
+
+def test_summary_bands_are_the_papers():
+    """The band of a mean VAS, at the paper's edges: "narrow view" < 10, "wide view" 10-15,
+    "panoramic" > 15; "-" where no prediction has a finite VAS."""
+    def band(*vas):
+        return E.summarize([{"vas": v, "correct": True, "extracted": "A"} for v in vas])["band"]
+
+    assert [band(9.99), band(10.0), band(15.0), band(15.01)] == ["narrow", "wide", "wide", "panoramic"]
+    assert band(8.0, 12.0) == "wide" and band(None) == "-" and band(float("inf")) == "-"
+    row = {"benchmark": "b", "setting": "base", "n": 1, "accuracy": 100.0, "mean_vas": 16.0, "band": "panoramic"}
+    assert E.summary_table([row, dict(row, benchmark="c", mean_vas=4.0, band="narrow")]).splitlines()[-1] == \
+        "| mean | base | 2 | 100.00 | 10.00 | wide |"

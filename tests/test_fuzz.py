@@ -6,7 +6,7 @@ written by the tools whose format they are: json, csv-style TSV as VLMEvalKit wr
 deleted fields and fields of the wrong type in JSON records, deleted cells and columns in TSV rows.
 Inputs go through what a run does with them, in-process: the SFT dataset (data.normalize_record,
 validation, then `dataset[i]` as a data-loader worker calls it), the GRPO prompt dataset,
-evaluate.read_benchmark and the decoding of a benchmark's images.
+benchmarks.read_benchmark and the decoding of a benchmark's images.
 """
 
 import base64
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import evaluate as E
+import benchmarks
 import train_grpo as tg
 from data import DataError, ImageProcessor, SFTDataset, Tokenizer, load_image, make_byte_tokenizer
 
@@ -179,16 +179,16 @@ def run_rl(env, path, outcomes, what):
 
 def run_bench(path, outcomes, what):
     try:
-        records = E.read_benchmark(path)
+        records = benchmarks.read_benchmark(path)
     except ValueError as e:  # the readers' refusal (DataError is one too)
         check_refusal(e, path, what)
         outcomes["refused"] += 1
         return
     for rec in records:
         try:  # what evaluate_benchmark does with a record's images; it catches exactly these
-            E.load_images(rec)
+            benchmarks.load_images(rec)
             outcomes["ok"] += 1
-        except E.IMAGE_ERRORS:
+        except benchmarks.IMAGE_ERRORS:
             outcomes["skipped"] += 1
 
 

@@ -114,13 +114,14 @@ def rollout_from_texts(tok, enc, texts):
 
 
 def test_prompts_match_evaluation_and_bad_records_name_the_line(world, tmp_path):
+    import benchmarks
     import evaluate
     _, tok, improc, ds = load(world)
     assert len(ds) == 8 and ds.stats["text_only"] == 1
     mc = ds.records[6]
     assert mc["options"] == ["blue", "red"] and mc["answer_type"] == "multi_choice"
-    # the prompt is evaluate.py's, on the same record read by evaluate.read_jsonl
-    ref = {r["id"]: r for r in evaluate.read_jsonl(world["data"])}
+    # the prompt is evaluate.py's, on the same record read by benchmarks.read_jsonl
+    ref = {r["id"]: r for r in benchmarks.read_jsonl(world["data"])}
     for i in (0, 6):
         want = evaluate.encode_record(tok, improc, ref[ds.records[i]["id"]])
         assert torch.equal(ds[i]["input_ids"], want["input_ids"]) and torch.equal(ds[i]["roles"], want["roles"])
