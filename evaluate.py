@@ -412,12 +412,6 @@ def _accuracy(preds: list[dict]) -> float | None:
     return 100.0 * sum(map(bool, scored)) / len(scored) if scored else None
 
 
-def _band(mean_vas: float | None) -> str:
-    """The paper's band of a mean VAS (vas.band); "-" where there is none or it is infinite (a model
-    that puts no attention at all on the system turn)."""
-    return band(mean_vas) if mean_vas is not None and math.isfinite(mean_vas) else "-"
-
-
 def summarize(preds: list[dict]) -> dict:
     """n, accuracy (%, over the scored predictions; None when none is: a test split without
     answers), unscored, mean VAS (over the predictions that have one) and its band, and, where the
@@ -426,7 +420,7 @@ def summarize(preds: list[dict]) -> dict:
     vas = [p["vas"] for p in preds if p.get("vas") is not None]
     mean_vas = sum(vas) / len(vas) if vas else None
     row = {"n": n, "accuracy": _accuracy(preds), "unscored": sum(p.get("correct") is None for p in preds),
-           "mean_vas": mean_vas, "band": _band(mean_vas),
+           "mean_vas": mean_vas, "band": band(mean_vas),
            "no_answer": sum(p.get("extracted") is None for p in preds)}
     members = {}  # column -> value -> predictions
     for p in preds:
@@ -458,7 +452,7 @@ def summary_table(rows: list[dict]) -> str:
             mean_vas = sum(vas) / len(vas) if len(vas) == len(group) else None
             lines.append(f"| mean | {s} | {sum(r['n'] for r in group)} | "
                          f"{_fmt(sum(acc) / len(acc) if len(acc) == len(group) else None)} | "
-                         f"{_fmt(mean_vas)} | {_band(mean_vas)} |")
+                         f"{_fmt(mean_vas)} | {band(mean_vas)} |")
     grouped = [r for r in rows if r.get("groups")]
     if grouped:  # accuracy per category / task / skill, as VLMEvalKit's score files list it
         lines += ["", "| benchmark | setting | column | group | n | accuracy |", "|---|---|---|---|---|---|"]

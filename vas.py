@@ -316,7 +316,7 @@ def run_forward(model, batch: dict, ctl):
 
 def band(v: float | None) -> str:
     """The paper's reading of a VAS: "narrow" < 10, "wide" 10-15, "panoramic" > 15; "-" for no
-    value (None, or NaN when no sample counted)."""
+    value (None; NaN when no sample counted; infinite when nothing attends to the system turn)."""
     if v is None or not math.isfinite(v):
         return "-"
     return "narrow" if v < 10 else "wide" if v <= 15 else "panoramic"
