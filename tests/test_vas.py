@@ -482,7 +482,7 @@ def test_suppress_floor_matches_hand_computed_terms(hf_untied, hf_eager, tok):
     g = dict(zip(names, torch.autograd.grad(floored.suppress_sum, params, allow_unused=True)))
     hf_names, hf_params = zip(*hf_eager.named_parameters())
     g_ref = dict(zip(hf_names, torch.autograd.grad(ref(floor), hf_params, allow_unused=True)))
-    g_ref = {_normalise_name(k): v for k, v in g_ref.items()}
+    g_ref = {normalise_name(k): v for k, v in g_ref.items()}
     for name, v in g.items():
         r = g_ref[name]
         if v is None or r is None:
