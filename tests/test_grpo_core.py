@@ -10,8 +10,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_grpo import (aggregate, group_advantages, kl_k3, policy_loss, response_mask,  # noqa: E402
-                        token_logprobs, total_reward)
+from grpo import (aggregate, group_advantages, kl_k3, policy_loss, response_mask,  # noqa: E402
+                  token_logprobs, total_reward)
 
 
 def close(a, b, tol=1e-5):
