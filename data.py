@@ -361,6 +361,54 @@ def encode_chat(tok: Tokenizer, messages: list[dict], image_tokens: list[int] | 
 
 
 # --------------------------------------------------------------------------------------------
+# The prompt format: one user turn for training, evaluation, GRPO, the toy world and synthesis
+# --------------------------------------------------------------------------------------------
+
+# The instruction closing every user turn (build_prompt), and the multiple-choice one.
+ANSWER_INSTRUCTION = "Reason inside <think> </think>, then give the final answer inside <answer> </answer>."
+MC_INSTRUCTION = "Answer with the option letter."
+
+
+def option_letter(i):
+    return chr(ord("A") + i)
+
+
+def format_question(question, options=None, instruction=MC_INSTRUCTION):
+    """The prompt text: the question, then for multiple choice one "A. text" line per option and
+    the instruction. Options already written into the question (a line starting "A.") are not
+    repeated."""
+    question = question.strip()
+    if not options:
+        return question
+    if re.search(r"(?m)^\s*\(?A[.):]\s", question):
+        return question if instruction in question else f"{question}\n{instruction}"
+    lines = [f"{option_letter(i)}. {opt}" for i, opt in enumerate(options)]
+    return "\n".join([question, *lines, instruction])
+
+
+def build_prompt(record: dict) -> str:
+    """The user-turn text: question, "A. text" option lines, then the answer instruction.
+    (The image placeholders are added by the chat template, not here.)"""
+    lines = [record["question"].strip()]
+    if not record.get("options_in_question"):
+        lines += [f"{option_letter(i)}. {opt}" for i, opt in enumerate(record.get("options") or [])]
+    instruction = ANSWER_INSTRUCTION
+    if record.get("options") or record.get("answer_type") == "multi_choice":
+        instruction += " " + MC_INSTRUCTION
+    return "\n".join(lines) + "\n" + instruction
+
+
+def prompt_content(record: dict) -> list[dict]:
+    """The user turn's content parts: the record's images, then build_prompt(record). A training
+    record whose question places its images with `<image>` (`image_placeholders` true, set by
+    train_grpo's reader) keeps each image where its placeholder is."""
+    text = build_prompt(record)
+    if record.get("image_placeholders"):
+        return split_placeholders(text)
+    return [{"type": "image"} for _ in record["images"]] + [{"type": "text", "text": text}]
+
+
+# --------------------------------------------------------------------------------------------
 # Image processor (transformers' Qwen2VLImageProcessor, PIL path)
 # --------------------------------------------------------------------------------------------
 
@@ -1007,7 +1055,6 @@ TOY_COLORS = {
 TOY_SHAPES = ("circle", "square", "triangle")
 TOY_CELL = 28  # one merged vision token covers 28x28 pixels (14 px patches, 2x2 merge)
 TOY_MAX_COUNT = 4
-MC_INSTRUCTION = "Answer with the option letter."
 
 # family -> (answer_type, the answers an open question can have; None for multiple choice)
 TOY_FAMILIES = {
@@ -1017,23 +1064,6 @@ TOY_FAMILIES = {
     "side": ("text", ("left", "right")),
     "bars": ("multi_choice", None),
 }
-
-
-def option_letter(i):
-    return chr(ord("A") + i)
-
-
-def format_question(question, options=None, instruction=MC_INSTRUCTION):
-    """The prompt text: the question, then for multiple choice one "A. text" line per option and
-    the instruction. Options already written into the question (a line starting "A.") are not
-    repeated."""
-    question = question.strip()
-    if not options:
-        return question
-    if re.search(r"(?m)^\s*\(?A[.):]\s", question):
-        return question if instruction in question else f"{question}\n{instruction}"
-    lines = [f"{option_letter(i)}. {opt}" for i, opt in enumerate(options)]
-    return "\n".join([question, *lines, instruction])
 
 
 def _draw_shape(draw, kind, cx, cy, r, rgb):
@@ -1190,8 +1220,6 @@ def toy_pretrain_record(problem, caption):
     (CAPTION_QUESTION -> toy_caption) or the problem's question, in the prompt evaluate.py builds,
     answered at once without reasoning ("<answer>X</answer>"), as an instruction-tuned model
     answers before cold-start teaches it to reason first."""
-    from evaluate import build_prompt
-
     _, _, answer, options, answer_type, facts = problem
     if caption:
         return {"question": CAPTION_QUESTION, "response": toy_caption(facts)}
@@ -1268,8 +1296,6 @@ def write_toy_world(out_dir, n_train=2000, n_eval=200, seed=0, image_size=56, n_
     # The SFT question is the whole user turn exactly as evaluate.build_prompt renders it for
     # rl.jsonl and eval.jsonl (question stem, option lines, answer instruction): the model is
     # trained and evaluated on one prompt format.
-    from evaluate import build_prompt
-
     def stem(p):
         return {"question": p[5]["stem"], "options": p[3], "answer_type": p[4]}
 
@@ -1895,8 +1921,6 @@ def synthesize(in_path, out_path, teacher, reason_teacher=None, anchor_teacher=N
 
     def rel_images(rec, paths):
         return [p if os.path.isabs(orig) else os.path.relpath(p, out_dir) for orig, p in zip(rec["images"], paths)]
-
-    from evaluate import build_prompt
 
     def work(rec, paths):
         question = format_question(rec["question"], rec.get("options"))

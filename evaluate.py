@@ -65,12 +65,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from data import build_prompt, prompt_content  # the prompt format, re-exported
 from grading import ANSWER_TYPES, extract_answer, format_ok, grade, same_value  # format_ok: re-exported
-
-# The instruction closing every user turn; training data synthesis reuses these two strings.
-ANSWER_INSTRUCTION = "Reason inside <think> </think>, then give the final answer inside <answer> </answer>."
-CHOICE_INSTRUCTION = "Answer with the option letter."
-
 
 # ---- benchmark readers ----
 
@@ -372,18 +368,6 @@ def read_benchmark(path: str | Path) -> list[dict]:
     raise ValueError(f"{path}: unknown benchmark format {suffix!r} (expected .tsv or .jsonl)")
 
 
-def build_prompt(record: dict) -> str:
-    """The user-turn text: question, "A. text" option lines, then the answer instruction.
-    (The image placeholders are added by the chat template, not here.)"""
-    lines = [record["question"].strip()]
-    if not record.get("options_in_question"):
-        lines += [f"{chr(65 + i)}. {opt}" for i, opt in enumerate(record.get("options") or [])]
-    instruction = ANSWER_INSTRUCTION
-    if record.get("options") or record.get("answer_type") == "multi_choice":
-        instruction += " " + CHOICE_INSTRUCTION
-    return "\n".join(lines) + "\n" + instruction
-
-
 # ---- evaluation loop ----
 #
 # Batched generation over benchmark records, one predictions jsonl per (benchmark, setting):
@@ -455,19 +439,6 @@ def vas_band(vas: float | None) -> str:
     if vas is None or not math.isfinite(vas):
         return "-"
     return "narrow" if vas < 10 else "wide" if vas <= 15 else "panoramic"
-
-
-# ---- prompts ----
-
-def prompt_content(record: dict) -> list[dict]:
-    """The user turn's content parts: the record's images, then build_prompt(record). A training
-    record whose question places its images with `<image>` (`image_placeholders` true, set by
-    train_grpo's reader) keeps each image where its placeholder is."""
-    text = build_prompt(record)
-    if record.get("image_placeholders"):
-        from data import split_placeholders
-        return split_placeholders(text)
-    return [{"type": "image"} for _ in record["images"]] + [{"type": "text", "text": text}]
 
 
 def encode_record(tok: Tokenizer, proc: ImageProcessor, record: dict) -> dict:

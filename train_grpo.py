@@ -326,6 +326,7 @@ import grading  # noqa: E402
 from data import (IMAGE_PLACEHOLDER, PAD_ROLE, RESPONSE, DataError, ImageProcessor, Tokenizer,  # noqa: E402
                   answer_text, encode_chat, epoch_batches, image_tokens, normalize_record, read_records)
 from data import UserError, run_cli  # noqa: E402
+from data import prompt_content  # noqa: E402
 
 
 def build_parser():
@@ -482,7 +483,7 @@ class PromptDataset:
                               answer_type=answer_type or ("multi_choice" if options else None),
                               benchmark=Path(path).stem)
                 n_img = [self._image_tokens(p, sizes) for p in rec.images]
-                length = len(encode_chat(tok, [{"role": "user", "content": evaluate.prompt_content(record)}],
+                length = len(encode_chat(tok, [{"role": "user", "content": prompt_content(record)}],
                                          n_img, add_generation_prompt=True)["input_ids"])
             except (ValueError, OSError) as e:
                 self.stats["bad"] += 1

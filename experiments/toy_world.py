@@ -170,7 +170,6 @@ def system_share(model_dir, toy, n=64):
     import torch
 
     import data
-    import evaluate
     import vas
     from model import from_pretrained
 
@@ -181,7 +180,7 @@ def system_share(model_dir, toy, n=64):
     for r in recs:
         image = data.load_image(os.path.join(toy, r["images"][0]))
         pv, grid = proc([image])
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": evaluate.build_prompt(r)}]}]
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.build_prompt(r)}]}]
         enc = data.encode_chat(tok, msgs, image_tokens=[int(grid[0].prod()) // 4], add_generation_prompt=True)
         ids, roles = enc["input_ids"][None], enc["roles"][None]
         res = vas.measure_vas(model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), roles=roles,
@@ -484,7 +483,7 @@ def main():
                     os.path.join(args.results, "vas_vs_accuracy.png"),
                     "VAS vs accuracy, one dot per checkpoint (toy world)", correlation)
     rec = [json.loads(l) for l in open(os.path.join(toy, "eval.jsonl"))][2]  # a count problem (round robin)
-    from evaluate import build_prompt
+    from data import build_prompt
     for arm, model in (("base", bases[args.seeds[0]]), ("sft_avar", os.path.join(out, f"sft_avar_s{args.seeds[0]}"))):
         run([py, "vas.py", "--model", model, "--image", os.path.join(toy, rec["images"][0]), "--question",
              build_prompt(rec), "--out", os.path.join(args.results, f"heatmap_{arm}.png")],
