@@ -26,8 +26,8 @@ from PIL import Image
 import train_grpo
 import train_sft
 from conftest import make_hf_model
-from data import make_byte_tokenizer
 from model import read_safetensors_header
+from toy import make_byte_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CARRIED = ["chat_template.jinja", "generation_config.json", "merges.txt", "tokenizer.json",

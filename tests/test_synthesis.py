@@ -16,9 +16,10 @@ import pytest
 from PIL import Image
 
 import data as sd
+import toy
 
-FAMILIES = list(sd.TOY_FAMILIES)
-WHITE = np.array(sd.TOY_BACKGROUND)
+FAMILIES = list(toy.TOY_FAMILIES)
+WHITE = np.array(toy.TOY_BACKGROUND)
 RESPONSE_RE = re.compile(r"<think>(.+)</think><answer>([^<]+)</answer>", re.S)
 
 
@@ -31,7 +32,7 @@ def _pixels(image):
 
 
 def _nearest_color(rgb):
-    return min(sd.TOY_COLORS, key=lambda c: sum((a - b) ** 2 for a, b in zip(sd.TOY_COLORS[c], rgb)))
+    return min(toy.TOY_COLORS, key=lambda c: sum((a - b) ** 2 for a, b in zip(toy.TOY_COLORS[c], rgb)))
 
 
 def _check_drawing(image, question, answer, options, answer_type, facts):
@@ -46,7 +47,7 @@ def _check_drawing(image, question, answer, options, answer_type, facts):
     for s in facts.get("shapes", []):
         cx, cy, r = s["cx"], s["cy"], s["r"]
         assert 0 <= cx - r and cx + r < size and 0 <= cy - r and cy + r < size
-        assert tuple(px[cy, cx]) == tuple(s["rgb"]) == sd.TOY_COLORS[s["color"]]
+        assert tuple(px[cy, cx]) == tuple(s["rgb"]) == toy.TOY_COLORS[s["color"]]
         box = px[cy - r:cy + r + 1, cx - r:cx + r + 1]
         fill = (box == np.array(s["rgb"])).all(-1).mean()
         expected = {"square": (0.97, 1.0), "circle": (0.70, 0.86), "triangle": (0.40, 0.62)}[s["kind"]]
@@ -70,7 +71,7 @@ def _check_drawing(image, question, answer, options, answer_type, facts):
         assert answer == s["color"] == _nearest_color(px[s["cy"], s["cx"]])
     elif family == "shape":
         (s,) = facts["shapes"]
-        assert chosen == s["kind"] and sorted(options) == sorted(sd.TOY_SHAPES)
+        assert chosen == s["kind"] and sorted(options) == sorted(toy.TOY_SHAPES)
     elif family == "count":
         assert answer == str(len(facts["shapes"])) and 1 <= int(answer) <= 4
         # independent count: 4-connected components of the drawn pixels
@@ -111,21 +112,21 @@ def _check_drawing(image, question, answer, options, answer_type, facts):
 def test_every_family_answer_matches_its_drawing(size):
     for family in FAMILIES:
         for seed in range(60 if size == 56 else 15):
-            problem = sd.make_toy_problem(random.Random(seed), family, image_size=size)
+            problem = toy.make_toy_problem(random.Random(seed), family, image_size=size)
             _check_drawing(*problem)
 
 
 def test_toy_problem_is_deterministic_for_a_seed():
     for family in FAMILIES:
-        a = sd.make_toy_problem(random.Random(7), family)
-        b = sd.make_toy_problem(random.Random(7), family)
+        a = toy.make_toy_problem(random.Random(7), family)
+        b = toy.make_toy_problem(random.Random(7), family)
         assert a[0].tobytes() == b[0].tobytes() and a[1:] == b[1:]
-    keys = {sd.make_toy_problem(random.Random(s), "count")[0].tobytes() for s in range(20)}
+    keys = {toy.make_toy_problem(random.Random(s), "count")[0].tobytes() for s in range(20)}
     assert len(keys) > 15  # and different seeds give different problems
     with pytest.raises(ValueError):
-        sd.make_toy_problem(random.Random(0), "nope")
+        toy.make_toy_problem(random.Random(0), "nope")
     with pytest.raises(ValueError):
-        sd.make_toy_problem(random.Random(0), "color", image_size=60)
+        toy.make_toy_problem(random.Random(0), "color", image_size=60)
 
 
 def test_reasoning_is_short_cites_the_image_and_grades():
@@ -133,7 +134,7 @@ def test_reasoning_is_short_cites_the_image_and_grades():
 
     for family in FAMILIES:
         for seed in range(40):
-            _, question, answer, options, answer_type, facts = sd.make_toy_problem(random.Random(seed), family)
+            _, question, answer, options, answer_type, facts = toy.make_toy_problem(random.Random(seed), family)
             resp = facts["response"]
             assert len(resp) < 200, resp
             m = RESPONSE_RE.fullmatch(resp)
@@ -154,7 +155,7 @@ def _read_jsonl(path):
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("toy")
-    summary = sd.main(["toy", "--out", str(d), "--n-train", "150", "--n-rl", "100", "--n-eval", "100", "--seed", "3"])
+    summary = toy.main(["--out", str(d), "--n-train", "150", "--n-rl", "100", "--n-eval", "100", "--seed", "3"])
     return d, summary
 
 
@@ -202,14 +203,14 @@ def test_toy_splits_are_disjoint_and_reproducible(toy_dir, tmp_path):
     train = keys("sft.jsonl") | keys("rl.jsonl")
     assert not keys("eval.jsonl") & train
     # the same seed writes the same world, byte for byte
-    sd.write_toy_world(tmp_path, n_train=150, n_rl=100, n_eval=100, seed=3)
+    toy.write_toy_world(tmp_path, n_train=150, n_rl=100, n_eval=100, seed=3)
     for name in ("sft.jsonl", "sft_text_only.jsonl", "rl.jsonl", "eval.jsonl"):
         assert (tmp_path / name).read_bytes() == (d / name).read_bytes()
     for r in _read_jsonl(d / "eval.jsonl")[:20]:
         assert (tmp_path / r["images"][0]).read_bytes() == (d / r["images"][0]).read_bytes()
     # a different seed, a different world
     other = tmp_path / "other"
-    sd.write_toy_world(other, n_train=5, n_eval=5, seed=4)
+    toy.write_toy_world(other, n_train=5, n_eval=5, seed=4)
     assert (other / "eval.jsonl").read_text() != "".join((d / "eval.jsonl").read_text().splitlines(True)[:5])
 
 
@@ -217,7 +218,7 @@ def test_sft_question_is_the_evaluation_prompt(tmp_path):
     """sft.jsonl's question is exactly what evaluate.build_prompt renders for rl/eval records."""
     from evaluate import build_prompt, format_ok, read_benchmark
 
-    sd.write_toy_world(tmp_path, n_train=10, n_rl=10, n_eval=10)
+    toy.write_toy_world(tmp_path, n_train=10, n_rl=10, n_eval=10)
     sft = _read_jsonl(tmp_path / "sft.jsonl")
     rl = _read_jsonl(tmp_path / "rl.jsonl")
     ev = read_benchmark(tmp_path / "eval.jsonl")
@@ -233,7 +234,7 @@ def test_sft_question_is_the_evaluation_prompt(tmp_path):
 
 def test_eval_problems_seen_in_training_are_redrawn(tmp_path):
     # 56 px side problems repeat often enough that some eval draws collide with training
-    s = sd.write_toy_world(tmp_path, n_train=800, n_rl=0, n_eval=200, seed=0, families=["side"])
+    s = toy.write_toy_world(tmp_path, n_train=800, n_rl=0, n_eval=200, seed=0, families=["side"])
     assert s["eval_redrawn"] > 0
     from evaluate import build_prompt
     train = {(r["question"], (tmp_path / r["images"][0]).read_bytes()) for r in _read_jsonl(tmp_path / "sft.jsonl")}
@@ -254,7 +255,7 @@ def test_chance_accuracy(toy_dir):
     ev = _read_jsonl(d / "eval.jsonl")
     from_file = np.mean([1 / len(r["options"]) if r["options"] else 1 / open_space[r["question"]] for r in ev])
     assert summary["chance"] == pytest.approx(from_file)
-    assert sd.toy_chance("count") == 0.25 and sd.toy_chance("shape", ["a", "b", "c"]) == pytest.approx(1 / 3)
+    assert toy.toy_chance("count") == 0.25 and toy.toy_chance("shape", ["a", "b", "c"]) == pytest.approx(1 / 3)
 
 
 def test_format_question():
@@ -566,7 +567,7 @@ def test_normalize_response():
 
 def test_local_teacher_runs_the_projects_generation(tmp_path):
     """The local teacher: a model folder run by model.generate, with images in the user turn."""
-    sd.make_toy_model(str(tmp_path / "m"))
+    toy.make_toy_model(str(tmp_path / "m"))
     teacher = sd.LocalTeacher(str(tmp_path / "m"), max_new_tokens=12)
     img = Image.new("RGB", (56, 56), (255, 0, 0))
     a = teacher.chat([{"role": "user", "content": "Describe the image."}], [img])
@@ -583,7 +584,7 @@ def test_synthesized_records_train_with_train_sft(api, tmp_path):
     raw = _write_raw(tmp_path, list(GOLD))
     out = tmp_path / "out" / "cold_start.jsonl"
     assert sd.synthesize(raw, out, _teacher(api))["done"] == 7
-    sd.make_toy_model(str(tmp_path / "model"))
+    toy.make_toy_model(str(tmp_path / "model"))
     run = tmp_path / "run"
     train_sft.main(["--data", str(out), "--model", str(tmp_path / "model"), "--out", str(run), "--max-steps", "2",
                     "--batch-size", "4", "--micro-batch", "2", "--lr", "1e-3", "--num-workers", "0",

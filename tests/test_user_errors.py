@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import ImageProcessor, make_byte_tokenizer
+from data import ImageProcessor
 from model import Config, Qwen2_5_VL, VisionConfig, init_weights, save_pretrained
+from toy import make_byte_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
