@@ -47,8 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from data import (DEFAULT_SYSTEM, QWEN_SPECIAL_TOKENS, ImageProcessor, Tokenizer, build_prompt,  # noqa: E402
                   format_question, option_letter, run_cli)
-from data import DESCRIBE_PROMPT, REASON_PROMPT, Teacher, TeacherError, synthesize  # noqa: E402
 from model import Config, Qwen2_5_VL, VisionConfig, init_weights, save_pretrained  # noqa: E402
+from synthesize import DESCRIBE_PROMPT, REASON_PROMPT, Teacher, TeacherError, synthesize  # noqa: E402
 
 log = logging.getLogger("toy")
 

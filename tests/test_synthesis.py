@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import data as sd
+import synthesize as syn
 import toy
 
 FAMILIES = list(toy.TOY_FAMILIES)
@@ -271,7 +272,7 @@ def test_format_question():
 # =============================================================================================
 
 STAGE_MARK = {stage: prompt.splitlines()[0] for stage, prompt in
-              zip(sd.STAGES, (sd.DESCRIBE_PROMPT, sd.REASON_PROMPT, sd.ANCHOR_PROMPT))}
+              zip(syn.STAGES, (syn.DESCRIBE_PROMPT, syn.REASON_PROMPT, syn.ANCHOR_PROMPT))}
 GOLD = {"ok1": "12", "ok2": "blue", "okmc": "B", "r500": "7", "r429": "8", "rslow": "9", "rjson": "10",
         "rwrong": "11", "rwrong3": "13", "rfail": "14", "rbad": "15"}
 FAIL_ALWAYS = {"rfail", "rbad"}
@@ -404,14 +405,14 @@ def _write_raw(tmp_path, ids):
 def _teacher(api, **kw):
     args = dict(api_key="sk-test", timeout=CLIENT_TIMEOUT, max_retries=2, backoff=0.01, temperature=0.0)
     args.update(kw)
-    return sd.OpenAITeacher(api.url, "teacher-x", **args)
+    return syn.OpenAITeacher(api.url, "teacher-x", **args)
 
 
 def test_synthesis_against_a_flaky_server(api, tmp_path):
     raw = _write_raw(tmp_path, list(GOLD))
     out = tmp_path / "out" / "cold_start.jsonl"
     teacher = _teacher(api)
-    counts = sd.synthesize(raw, out, teacher)
+    counts = syn.synthesize(raw, out, teacher)
     assert counts["done"] == 7  # ok1 ok2 okmc r500 r429 rslow rjson
     assert counts["filtered"] == 2  # rwrong (stage 2), rwrong3 (stage 3)
     assert counts["failed"] == 2 and sorted(counts["failed_ids"]) == ["rbad", "rfail"]
@@ -458,7 +459,7 @@ def test_synthesis_against_a_flaky_server(api, tmp_path):
 
     # a rerun skips everything done or filtered: the server only sees the failed records again
     before = len(api.log)
-    counts = sd.synthesize(raw, out, _teacher(api))
+    counts = syn.synthesize(raw, out, _teacher(api))
     assert counts["skipped"] == 9 and counts["done"] == 0 and counts["failed"] == 2
     assert {rid for rid, *_ in api.log[before:]} == {"rfail", "rbad"}
     assert [r["id"] for r in _read_jsonl(out)] == [r["id"] for r in recs]
@@ -468,12 +469,12 @@ def test_cli_fail_fast_and_api_key_env(api, tmp_path, monkeypatch):
     raw = _write_raw(tmp_path, ["ok1", "rbad", "ok2"])
     out = tmp_path / "cold.jsonl"
     monkeypatch.setenv("TEST_TEACHER_KEY", "sk-test")
-    argv = ["synth", "--input", str(raw), "--output", str(out), "--base-url", api.url, "--model", "teacher-x",
+    argv = ["--input", str(raw), "--output", str(out), "--base-url", api.url, "--model", "teacher-x",
             "--api-key-env", "TEST_TEACHER_KEY", "--timeout", "0.5", "--backoff", "0.01", "--max-retries", "1"]
     with pytest.raises(RuntimeError, match="rbad"):
-        sd.main(argv + ["--fail-fast"])
+        syn.main(argv + ["--fail-fast"])
     assert [r["id"] for r in _read_jsonl(out)] == ["ok1"]  # what finished before is kept
-    counts = sd.main(argv)  # without the flag the run goes on past the failure
+    counts = syn.main(argv)  # without the flag the run goes on past the failure
     assert (counts["skipped"], counts["done"], counts["failed"]) == (1, 1, 1)
     assert [r["id"] for r in _read_jsonl(out)] == ["ok1", "ok2"]
     assert _read_jsonl(out)[0]["images"] == ["raw/imgs/ok1.png"]
@@ -481,12 +482,12 @@ def test_cli_fail_fast_and_api_key_env(api, tmp_path, monkeypatch):
 
 def test_teacher_errors_are_clear(api):
     for url, key, code in ((api.url, "sk-wrong", 401), (api.url.replace("/v1", "/nope"), "sk-test", 404)):
-        t = sd.OpenAITeacher(url, "teacher-x", api_key=key, max_retries=3, backoff=0.01, timeout=CLIENT_TIMEOUT)
-        with pytest.raises(sd.TeacherError, match=f"HTTP {code}"):  # a 4xx other than 429: at once
+        t = syn.OpenAITeacher(url, "teacher-x", api_key=key, max_retries=3, backoff=0.01, timeout=CLIENT_TIMEOUT)
+        with pytest.raises(syn.TeacherError, match=f"HTTP {code}"):  # a 4xx other than 429: at once
             t.chat([{"role": "user", "content": "hi"}], [])
         assert t.stats["requests"] == 1
-    t = sd.OpenAITeacher("http://127.0.0.1:9/v1", "m", timeout=0.2, max_retries=2, backoff=0.01)
-    with pytest.raises(sd.TeacherError, match="gave up after 3 attempts"):  # connection refused, retried
+    t = syn.OpenAITeacher("http://127.0.0.1:9/v1", "m", timeout=0.2, max_retries=2, backoff=0.01)
+    with pytest.raises(syn.TeacherError, match="gave up after 3 attempts"):  # connection refused, retried
         t.chat([{"role": "user", "content": "hi"}], [])
     assert t.stats == {"requests": 3, "retries": 2, "failures": 1}
 
@@ -512,22 +513,22 @@ def test_killed_run_resumes_to_the_same_file(tmp_path):
     ids = ["ok1", "rwrong", "ok2", "okmc", "r500", "rwrong3", "r429", "rslow"]
     raw = _write_raw(tmp_path, ids)
     ref = tmp_path / "a" / "out.jsonl"
-    assert sd.synthesize(raw, ref, ScriptedTeacher())["done"] == 6
+    assert syn.synthesize(raw, ref, ScriptedTeacher())["done"] == 6
 
     out = tmp_path / "b" / "out.jsonl"
     with pytest.raises(RuntimeError, match="fail-fast"):
-        sd.synthesize(raw, out, ScriptedTeacher(crash_after=4), fail_fast=True)
+        syn.synthesize(raw, out, ScriptedTeacher(crash_after=4), fail_fast=True)
     assert [r["id"] for r in _read_jsonl(out)] == ["ok1", "ok2", "okmc"]  # rwrong was filtered
     with open(out, "a") as f:  # and the kill came in the middle of a write
         f.write('{"id": "r500", "images": ["../ra')
-    counts = sd.synthesize(raw, out, ScriptedTeacher())
+    counts = syn.synthesize(raw, out, ScriptedTeacher())
     assert (counts["skipped"], counts["done"], counts["filtered"]) == (4, 3, 1)
     assert out.read_bytes() == ref.read_bytes()
     assert sorted(_read_jsonl(str(out) + ".filtered"), key=str) == sorted(_read_jsonl(str(ref) + ".filtered"), key=str)
 
     # several records in flight still write the same file, in input order
     par = tmp_path / "c" / "out.jsonl"
-    sd.synthesize(raw, par, ScriptedTeacher(), workers=3)
+    syn.synthesize(raw, par, ScriptedTeacher(), workers=3)
     assert par.read_bytes() == ref.read_bytes()
 
 
@@ -537,20 +538,20 @@ def test_bad_input_names_file_and_line(tmp_path):
     bad = tmp_path / "raw" / "bad.jsonl"
     bad.write_text(lines[0] + "\n{not json\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: bad JSON"):
-        sd.synthesize(bad, tmp_path / "o.jsonl", ScriptedTeacher())
+        syn.synthesize(bad, tmp_path / "o.jsonl", ScriptedTeacher())
     missing = tmp_path / "raw" / "missing.jsonl"
     missing.write_text(lines[0] + "\n" + lines[1].replace("imgs/ok2.png", "imgs/gone.png") + "\n")
     with pytest.raises(ValueError, match=r"missing\.jsonl:2: image file not found: 'imgs/gone.png'"):
-        sd.synthesize(missing, tmp_path / "o.jsonl", ScriptedTeacher())
+        syn.synthesize(missing, tmp_path / "o.jsonl", ScriptedTeacher())
     assert not (tmp_path / "o.jsonl").exists()  # checked before any teacher call
     out = tmp_path / "o2.jsonl"
     out.write_text('{"id": "ok1"}\nbroken\n{"id": "ok2"}\n')
     with pytest.raises(ValueError, match=r"o2\.jsonl:2"):
-        sd.synthesize(raw, out, ScriptedTeacher())
+        syn.synthesize(raw, out, ScriptedTeacher())
 
 
 def test_normalize_response():
-    n = sd.normalize_response
+    n = syn.normalize_response
     assert n("<think>a</think><answer>1</answer>") == "<think>a</think><answer>1</answer>"
     assert n("```\n<think> a </think>\n\n<answer> 1 </answer>\n```") == "<think>a</think><answer>1</answer>"
     assert n("reasoning here\n<answer>1</answer> trailing") == "<think>reasoning here</think><answer>1</answer>"
@@ -568,7 +569,7 @@ def test_normalize_response():
 def test_local_teacher_runs_the_projects_generation(tmp_path):
     """The local teacher: a model folder run by model.generate, with images in the user turn."""
     toy.make_toy_model(str(tmp_path / "m"))
-    teacher = sd.LocalTeacher(str(tmp_path / "m"), max_new_tokens=12)
+    teacher = syn.LocalTeacher(str(tmp_path / "m"), max_new_tokens=12)
     img = Image.new("RGB", (56, 56), (255, 0, 0))
     a = teacher.chat([{"role": "user", "content": "Describe the image."}], [img])
     b = teacher.chat([{"role": "user", "content": "Describe the image."}], [img])
@@ -583,7 +584,7 @@ def test_synthesized_records_train_with_train_sft(api, tmp_path):
 
     raw = _write_raw(tmp_path, list(GOLD))
     out = tmp_path / "out" / "cold_start.jsonl"
-    assert sd.synthesize(raw, out, _teacher(api))["done"] == 7
+    assert syn.synthesize(raw, out, _teacher(api))["done"] == 7
     toy.make_toy_model(str(tmp_path / "model"))
     run = tmp_path / "run"
     train_sft.main(["--data", str(out), "--model", str(tmp_path / "model"), "--out", str(run), "--max-steps", "2",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data as sd
+import synthesize as syn
 import toy
 from evaluate import build_prompt, extract_answer, format_ok, grade
 
@@ -88,13 +89,13 @@ def test_anchored_records_come_through_synthesize_and_grade(world):
     # a drawing two families share: the teacher answers what each question asks
     image, *_, facts = toy.make_toy_problem(random.Random(1), "side")
     teacher = toy.ToyTeacher([(image, None, None, None, None, facts)])
-    desc = teacher.chat([{"role": "user", "content": sd.DESCRIBE_PROMPT.format(question="x")}], [image])
+    desc = teacher.chat([{"role": "user", "content": syn.DESCRIBE_PROMPT.format(question="x")}], [image])
     for question, answer in (("Is the circle on the left or right?", facts["side"]), ("How many shapes are there?", "1")):
-        reply = teacher.chat([{"role": "user", "content": sd.REASON_PROMPT.format(
+        reply = teacher.chat([{"role": "user", "content": syn.REASON_PROMPT.format(
             description=desc, question=question, answer_format="")}], [])
         assert extract_answer(reply) == answer
-    with pytest.raises(sd.TeacherError, match="not given"):
-        teacher.chat([{"role": "user", "content": sd.DESCRIBE_PROMPT.format(question="x")}],
+    with pytest.raises(syn.TeacherError, match="not given"):
+        teacher.chat([{"role": "user", "content": syn.DESCRIBE_PROMPT.format(question="x")}],
                      [toy.make_toy_problem(random.Random(2), "color")[0]])
 
 
