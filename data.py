@@ -79,6 +79,7 @@ import urllib.request
 import numpy as np
 import torch
 from PIL import Image
+from tokenizers import Tokenizer as HFTokenizer
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,11 +134,7 @@ class Tokenizer:
     NEEDED = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 
     def __init__(self, path: str):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        if os.path.isdir(path):
-            from model import resolve_checkpoint  # a training run's folder: its latest checkpoint
-            path = resolve_checkpoint(path)
+        """path: a model folder holding tokenizer.json (the caller resolves a run folder), or the file."""
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.exists(file):
             raise UserError(f"{file}: no tokenizer.json (the model folder needs its tokenizer)")
@@ -413,11 +410,10 @@ class ImageProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str, **overrides) -> "ImageProcessor":
-        """Read `preprocessor_config.json` if the folder has one (hub defaults otherwise)."""
-        from model import resolve_checkpoint  # a training run's folder: its latest checkpoint
-
+        """Read the model folder's `preprocessor_config.json` if it has one (hub defaults otherwise);
+        the caller resolves a run folder to its checkpoint."""
         kw = {}
-        file = os.path.join(resolve_checkpoint(path), "preprocessor_config.json")
+        file = os.path.join(path, "preprocessor_config.json")
         if os.path.exists(file):
             with open(file) as f:
                 c = json.load(f)

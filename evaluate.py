@@ -405,7 +405,7 @@ import torch  # noqa: E402
 
 from data import PAD_ROLE, DataError, ImageProcessor, Tokenizer, encode_chat  # noqa: E402
 from data import UserError, run_cli  # noqa: E402
-from model import from_pretrained  # noqa: E402
+from model import from_pretrained, resolve_checkpoint  # noqa: E402
 from vas import Intervention, measure_vas, parse_layers  # noqa: E402
 from vas import vas as vas_of_stats  # noqa: E402
 
@@ -932,8 +932,9 @@ def main(argv=None):
     benchmarks = [read_benchmark_file(path) for path in args.bench]  # bad input fails before the model loads
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
     model = from_pretrained(args.model, dtype=dtype, device=args.device).eval()
-    tok = Tokenizer(args.model)
-    proc = ImageProcessor.from_pretrained(args.model, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
+    model_dir = resolve_checkpoint(args.model)  # a run folder: its latest checkpoint
+    tok = Tokenizer(model_dir)
+    proc = ImageProcessor.from_pretrained(model_dir, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
     n_layers = model.cfg.num_hidden_layers
     layers = parse_layers(args.intervention_layers, n_layers)
     layers = tuple(layers) if layers is not None else None

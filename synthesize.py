@@ -44,7 +44,7 @@ from PIL import Image
 
 from data import DataError, ImageProcessor, Tokenizer, build_prompt, encode_chat, format_question, read_records, run_cli
 from grading import extract_answer, grade
-from model import from_pretrained
+from model import from_pretrained, resolve_checkpoint
 
 log = logging.getLogger("synthesis")
 
@@ -123,6 +123,7 @@ class LocalTeacher(Teacher):
     def __init__(self, path, device="cpu", dtype=None, max_new_tokens=1024, temperature=0.0, top_p=1.0, seed=0,
                  max_pixels=None):
         dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+        path = resolve_checkpoint(path)  # a run folder: its latest checkpoint
         self.model = from_pretrained(path, dtype=dtype, device=device).eval()
         self.tok = Tokenizer(path)
         self.proc = ImageProcessor.from_pretrained(path, max_pixels=max_pixels)

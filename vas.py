@@ -621,13 +621,14 @@ def main(argv=None):
     print(f"config: {vars(args)}")
 
     import data
-    from model import from_pretrained
+    from model import from_pretrained, resolve_checkpoint
 
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if dev.startswith("cuda") else "float32"))
     model = from_pretrained(args.model, dtype=dtype, device=dev).eval()
-    tok = data.Tokenizer(args.model)
-    proc = data.ImageProcessor.from_pretrained(args.model, max_pixels=args.max_pixels)
+    model_dir = resolve_checkpoint(args.model)  # a run folder: its latest checkpoint
+    tok = data.Tokenizer(model_dir)
+    proc = data.ImageProcessor.from_pretrained(model_dir, max_pixels=args.max_pixels)
     try:
         image = data.load_image(args.image)
     except (OSError, ValueError) as e:  # missing, empty or undecodable: the message names the file

@@ -126,7 +126,7 @@ def probe(model_dirs, n_train=600, n_test=300, seed=0, steps=300):
 
     import data
     import toy
-    from model import from_pretrained
+    from model import from_pretrained, resolve_checkpoint
 
     props = {"color": ("color", lambda f: list(toy.TOY_COLORS).index(f["shapes"][0]["color"])),
              "shape": ("shape", lambda f: toy.TOY_SHAPES.index(f["shapes"][0]["kind"])),
@@ -136,7 +136,7 @@ def probe(model_dirs, n_train=600, n_test=300, seed=0, steps=300):
     out = {}
     for name, path in model_dirs.items():
         model = from_pretrained(path, dtype=torch.float32, device="cpu").eval()
-        proc = data.ImageProcessor.from_pretrained(path)
+        proc = data.ImageProcessor.from_pretrained(resolve_checkpoint(path))
         out[name] = {}
         for prop, (family, label) in props.items():
             images, ys = [], []
@@ -172,9 +172,10 @@ def system_share(model_dir, toy, n=64):
 
     import data
     import vas
-    from model import from_pretrained
+    from model import from_pretrained, resolve_checkpoint
 
     model = from_pretrained(model_dir, dtype=torch.float32, device="cpu").eval()
+    model_dir = resolve_checkpoint(model_dir)  # a run folder: its latest checkpoint
     tok, proc = data.Tokenizer(model_dir), data.ImageProcessor.from_pretrained(model_dir)
     recs = [json.loads(l) for l in open(os.path.join(toy, "eval.jsonl"))][:n]
     shares = []
