@@ -428,7 +428,7 @@ def print0(*a, **k):
 
 def _question_of(rec):
     """The text of a normalised record's single user turn, each image part written back as the
-    `<image>` placeholder, so the images stay where the record put them (evaluate.prompt_content)."""
+    `<image>` placeholder, so the images stay where the record put them (data.prompt_content)."""
     users = [m for m in rec.messages if m["role"] == "user"]
     if len(users) != 1:
         raise ValueError(f"an RL record holds one user turn (the question), not {len(users)}")
@@ -449,7 +449,7 @@ class PromptDataset:
     number)}, also the chat forms with a top-level "answer"), so images, paths and errors follow
     SFT. Each record becomes an evaluate.py record, and `dataset[i]` is evaluate.encode_record of it:
     the default system turn, the images (where `<image>` placed them, else first), then
-    evaluate.build_prompt(record) (question, "A. ..." option lines, the answer instruction), then
+    data.build_prompt(record) (question, "A. ..." option lines, the answer instruction), then
     the assistant header. Train and eval prompts are so the same by construction. Prompts longer
     than max_prompt_len tokens are dropped and counted.
     """

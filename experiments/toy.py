@@ -307,7 +307,7 @@ def write_toy_world(out_dir, n_train=2000, n_eval=200, seed=0, image_size=56, n_
     pre, _ = build("pretrain", n_pretrain)
     ev, redrawn = build("eval", n_eval, avoid=train_keys)
 
-    # The SFT question is the whole user turn exactly as evaluate.build_prompt renders it for
+    # The SFT question is the whole user turn exactly as data.build_prompt renders it for
     # rl.jsonl and eval.jsonl (question stem, option lines, answer instruction): the model is
     # trained and evaluated on one prompt format.
     def stem(p):

@@ -216,7 +216,7 @@ def test_toy_splits_are_disjoint_and_reproducible(toy_dir, tmp_path):
 
 
 def test_sft_question_is_the_evaluation_prompt(tmp_path):
-    """sft.jsonl's question is exactly what evaluate.build_prompt renders for rl/eval records."""
+    """sft.jsonl's question is exactly what data.build_prompt renders for rl/eval records."""
     from evaluate import build_prompt, format_ok, read_benchmark
 
     toy.write_toy_world(tmp_path, n_train=10, n_rl=10, n_eval=10)
