@@ -1,4 +1,6 @@
-"""Data for Qwen2.5-VL: tokenizer and chat format, image processor, token roles, datasets.
+"""Data for Qwen2.5-VL: user errors, tokenizer and chat format with token roles, the prompt
+format, image processor, training records, the SFT dataset and its batches. Imports nothing from
+the project: every other module builds on it.
 
 Every token of a conversation gets exactly one role while the sequence is assembled (never
 recovered from decoded text); the formulas of vas.py select tokens by these roles:
@@ -9,64 +11,18 @@ recovered from decoded text); the formulas of vas.py select tokens by these role
                  <|vision_end|>, the `<|im_start|>assistant\\n` header, the `\\n` after a reply
     RESPONSE (R) the assistant's content and the `<|im_end|>` closing it (what SFT trains on)
 
-The image processor reproduces transformers' Qwen2VLImageProcessor (PIL path) exactly, transparent
-images composited on white as its convert_to_rgb does (`to_rgb`):
+The prompt format (`build_prompt`: question, "A. text" option lines, answer instruction) is the one
+user turn that evaluation, GRPO, the toy world and the cold-start synthesis share. The image
+processor reproduces transformers' Qwen2VLImageProcessor (PIL path) exactly, transparent images
+composited on white as its convert_to_rgb does (`to_rgb`):
 `ImageProcessor(min_pixels, max_pixels)(images) -> (pixel_values (N, 1176), image_grid_thw (n, 3))`.
-
-The toy world and the data synthesis (the end of this file):
-
-
-    Part 1, the toy world. Small flat drawings (56x56 by default: 2x2 merged vision tokens of 28 px)
-    with short questions whose answers need the image, so that a tiny Qwen2.5-VL-shaped model with a
-    byte-level BPE tokenizer learned from the toy texts (`make_toy_model`) can be trained from
-    scratch on 2 CPU cores in minutes and scored above chance.
-    Families (answer space, chance):
-        color  open  "What color is the shape?"            red/green/blue/yellow/purple   1/5
-        shape  MC    "What shape is shown?" + 3 options     option letter                  1/3
-        count  open  "How many shapes are there?"          1-4                            1/4
-        side   open  "Is the circle on the left or right?"  left/right                     1/2
-        bars   MC    "Which bar is taller?" + 2 options     option letter                  1/2
-    Every problem is a pure function of its seed; sft, rl and eval use disjoint seeds, and an eval
-    problem whose (pixels, question) pair also occurs in sft or rl is redrawn. SFT responses are
-    `<think>...</think><answer>X</answer>` under 200 characters (~30 toy tokens): they cite
-    what they see ("I see a red square.") and re-check the image ("Looking at the image again, ...").
-    The text-only variant keeps the same question and reasoning without the image (the paper's
-    text-only cold-start, section 2).
-    The base model (`pretrain_toy_model`, run by `python data.py toy`): the random model trained
-    with train_sft.py's LM loss on pretrain.jsonl, problems of their own drawn by the same
-    renderer, half captions ("Describe the image." -> "A red triangle in the top left."), half
-    the question answered at once ("<answer>red</answer>"): like an instruction-tuned VLM it reads
-    images and answers before any cold-start, and it carries an attention sink on the system turn.
-    The visual-anchored records (sft_anchored.jsonl) are the SFT problems run through Part 2's
-    `synthesize` with ToyTeacher, a teacher that sees the drawing exactly.
-
-    Part 2, visual-anchored synthesis (AVAR 4a). Each raw problem goes through three teacher calls:
-        1. DESCRIBE_PROMPT  (+ images): structured description: global scan, element decomposition,
-                                        linking, synthesis;
-        2. REASON_PROMPT    (text only): reasoning with iterative self-reflection from the description,
-                                        ending in <answer>..</answer>;
-        3. ANCHOR_PROMPT    (+ images): the same reasoning with visual anchors inserted ("looking back
-                                        at the triangle...", "let me check the image again..."),
-                                        output <think>..</think><answer>..</answer>.
-    A record is kept only when the answer of stage 2 and of stage 3 grades equal to the gold answer.
-    The output is appended and flushed record by record, in input order, so a killed run resumes
-    where it stopped and ends with the same file.
-
-    A teacher is any object with `chat(messages: list[dict], images: list[PIL.Image]) -> str`; the
-    messages are OpenAI-style {"role", "content": str} and the images belong to the last user message.
-    OpenAITeacher speaks to any OpenAI-compatible /chat/completions endpoint (vLLM, SGLang, hosted).
-
-    Run:
-        python data.py toy --out toy --n-train 2000 --n-eval 200      # the world and the pretrained base model
-        python data.py toy --out toy --model-seed 1 --model-out runs/base_1   # the base model of another seed
-        python data.py synth --input raw.jsonl --output cold_start.jsonl \
-            --base-url http://localhost:8000/v1 --model Qwen2.5-VL-72B-Instruct [--api-key-env VAR]
 """
 
 from __future__ import annotations
 
 import base64
 import bisect
+import functools
 import io
 import json
 import math
@@ -89,8 +45,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 class UserError(ValueError):
     """A problem with what the user gave (a file, a folder, an argument), not a bug of this code:
-    the scripts print its message, which names the file (and line), without a traceback. A
-    ValueError, as these problems were before the class existed."""
+    the scripts print its message, which names the file (and line), without a traceback."""
 
 
 def run_cli(main):
@@ -116,8 +71,7 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 QWEN_SPECIAL_TOKENS = [  # ids 151643.. in Qwen2 / Qwen2.5-VL; the toy tokenizer keeps their order
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 # The markers the chat format and the vision inputs give meaning to. encode_chat never matches them
 # inside record text: there they are plain text (see encode_chat).
 CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -143,18 +97,11 @@ class Tokenizer:
         except Exception as e:  # the tokenizers library raises a bare Exception on a bad file
             raise UserError(f"{file}: not a readable tokenizer.json ({e})") from None
         self.path = file
-        ids = {}
-        for name in self.NEEDED:
-            i = self.tok.token_to_id(name)
-            if i is None:
-                raise UserError(f"{file}: the tokenizer lacks the special token {name}")
-            ids[name] = i
-        self.endoftext_id = ids["<|endoftext|>"]
-        self.im_start_id = ids["<|im_start|>"]
-        self.im_end_id = ids["<|im_end|>"]
-        self.vision_start_id = ids["<|vision_start|>"]
-        self.vision_end_id = ids["<|vision_end|>"]
-        self.image_pad_id = ids["<|image_pad|>"]
+        ids = [self.tok.token_to_id(name) for name in self.NEEDED]
+        if None in ids:
+            raise UserError(f"{file}: the tokenizer lacks the special token {self.NEEDED[ids.index(None)]}")
+        (self.endoftext_id, self.im_start_id, self.im_end_id, self.vision_start_id, self.vision_end_id,
+         self.image_pad_id) = ids
         self.pad_id = self.endoftext_id
         self.stop_ids = (self.im_end_id, self.endoftext_id)
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
@@ -176,8 +123,7 @@ class Tokenizer:
         return enc.ids, [o[0] for o in enc.offsets]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def decode_response(self, ids) -> str:
@@ -185,8 +131,7 @@ class Tokenizer:
         end-of-text / padding token, keeps every other token. skip_special_tokens=True would also drop
         <think>, </think>, <answer>, </answer> where a tokenizer adds them as special tokens (the
         paper's released tokenizer does), and with them every answer and every format reward."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
         drop = {self.im_start_id, self.im_end_id, self.endoftext_id, self.pad_id}
         return self.tok.decode([i for i in ids if i not in drop], skip_special_tokens=False)
 
@@ -196,32 +141,25 @@ class Tokenizer:
 # --------------------------------------------------------------------------------------------
 
 
-def _is_image_part(part: dict) -> bool:
-    return part.get("type") == "image" or "image" in part or "image_url" in part
-
-
 def encode_chat(tok: Tokenizer, messages: list[dict], image_tokens: list[int] | None = None,
                 add_generation_prompt: bool = False, system: str | None = DEFAULT_SYSTEM) -> dict:
     """Render Qwen2.5-VL's chat template directly into ids, labels and roles.
 
     messages: [{"role": "system"|"user"|"assistant", "content": str | [{"type": "text", "text": ...},
-              {"type": "image"}, ...]}]. A default system turn is inserted (as the template does)
+              {"type": "image"}, ...]}]; a default system turn is inserted (as the template does)
               when the first message is not a system message and `system` is not None.
     image_tokens: number of <|image_pad|> slots for each image in order (t*h*w/4 of its grid).
-    Returns LongTensors input_ids (T,), labels (T,) (assistant content + <|im_end|>, else -100)
-    and roles (T,). Equal to `apply_chat_template` + the Qwen tokenizer on the same messages.
+    Returns LongTensors input_ids, labels (assistant content + <|im_end|>, else -100) and roles,
+    each (T,): equal to `apply_chat_template` + the Qwen tokenizer on the same messages.
 
-    Record text is data, never control: the markers of CONTROL_TOKENS (<|im_start|>, <|im_end|>,
-    <|vision_start|>, <|image_pad|>, <|endoftext|>, ...) come only from the structure built here;
-    written inside a message's text they are encoded as ordinary BPE pieces, as transformers'
-    `split_special_tokens=True` encodes them. So a question quoting "<|image_pad|>" cannot add an
-    image slot, nor an answer holding "<|im_end|>" end its turn or shift the loss mask. Every other
-    added token (e.g. <think> or <tool_call>, special or not) is matched as the tokenizer defines
-    it, so a response's reasoning tags keep the ids the released checkpoints were trained with.
-
-    Text between two special tokens is tokenized as one string (as the reference tokenizes the
-    whole rendered prompt), so BPE merges across e.g. "assistant\\n" + reply are kept; each token
-    then takes the role of the piece its first character came from.
+    Record text is data, never control: the CONTROL_TOKENS markers come only from the structure
+    built here; inside a message's text they are ordinary BPE pieces (transformers'
+    `split_special_tokens=True`), so a question quoting "<|image_pad|>" cannot add an image slot,
+    nor an answer holding "<|im_end|>" end its turn. Every other added token (<think>, ...) is
+    matched as the tokenizer defines it, keeping the ids the released checkpoints were trained with.
+    Text between two special tokens is tokenized as one string (as the reference tokenizes the whole
+    prompt, merges across "assistant\\n" + reply kept); each token takes the role of the piece its
+    first character came from.
     """
     pieces: list[tuple[str | int, int, bool]] = []  # (text or special id, role, trained)
     image_tokens = list(image_tokens or [])
@@ -231,23 +169,20 @@ def encode_chat(tok: Tokenizer, messages: list[dict], image_tokens: list[int] | 
         nonlocal n_img
         trained = role == RESPONSE
         head_role = SYSTEM if role == SYSTEM else USER
-        pieces.append((tok.im_start_id, head_role, False))
-        pieces.append((role_name + "\n", head_role, False))
+        pieces.extend([(tok.im_start_id, head_role, False), (role_name + "\n", head_role, False)])
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
         for part in parts:
-            if _is_image_part(part):
+            if part.get("type") == "image" or "image" in part or "image_url" in part:
                 if n_img >= len(image_tokens):
                     raise ValueError(f"messages hold more images than the {len(image_tokens)} given")
-                pieces.append((tok.vision_start_id, USER, False))
-                pieces.extend([(tok.image_pad_id, IMAGE, False)] * image_tokens[n_img])
-                pieces.append((tok.vision_end_id, USER, False))
+                pad = [(tok.image_pad_id, IMAGE, False)] * image_tokens[n_img]
+                pieces.extend([(tok.vision_start_id, USER, False), *pad, (tok.vision_end_id, USER, False)])
                 n_img += 1
             elif "text" in part:
                 pieces.append((part["text"], role, trained))
             else:
                 raise ValueError(f"unknown content part {part!r}")
-        pieces.append((tok.im_end_id, role, trained))
-        pieces.append(("\n", SYSTEM if role == SYSTEM else USER, False))
+        pieces.extend([(tok.im_end_id, role, trained), ("\n", head_role, False)])
 
     if messages and messages[0]["role"] != "system" and system is not None:
         turn("system", system, SYSTEM)
@@ -257,8 +192,7 @@ def encode_chat(tok: Tokenizer, messages: list[dict], image_tokens: list[int] | 
             raise ValueError("a system message is only allowed first")
         turn(r, m["content"], {"system": SYSTEM, "user": USER, "assistant": RESPONSE}[r])
     if add_generation_prompt:
-        pieces.append((tok.im_start_id, USER, False))
-        pieces.append(("assistant\n", USER, False))
+        pieces.extend([(tok.im_start_id, USER, False), ("assistant\n", USER, False)])
     if n_img != len(image_tokens):
         raise ValueError(f"{len(image_tokens)} images given but the messages hold {n_img}")
 
@@ -290,7 +224,6 @@ def encode_chat(tok: Tokenizer, messages: list[dict], image_tokens: list[int] | 
 # The prompt format: one user turn for training, evaluation, GRPO, the toy world and synthesis
 # --------------------------------------------------------------------------------------------
 
-# The instruction closing every user turn (build_prompt), and the multiple-choice one.
 ANSWER_INSTRUCTION = "Reason inside <think> </think>, then give the final answer inside <answer> </answer>."
 MC_INSTRUCTION = "Answer with the option letter."
 
@@ -362,13 +295,12 @@ def smart_resize(h: int, w: int, factor: int = 28, min_pixels: int = 3136, max_p
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB as transformers' `convert_to_rgb` makes it (the image processor's first step): an image
-    with an alpha band or a `transparency` entry (RGBA, LA, PA, P or L or RGB with a PNG tRNS chunk,
-    GIF transparency) is composited on white; every other mode is PIL's plain convert("RGB")
-    (1, L, P, CMYK, YCbCr, I, I;16, F, ...). Dropping the alpha instead would show the hidden
-    colours of transparent pixels (the background of most chart PNGs). As in transformers, "has
-    alpha" is decided by the band names, so LAB (whose bands are L, A, B) takes the compositing
-    path too; it is opaque, so the result is its plain conversion."""
+    """RGB as transformers' `convert_to_rgb` makes it: an image with an alpha band or a
+    `transparency` entry (RGBA, LA, PA; P, L or RGB with a PNG tRNS chunk or GIF transparency) is
+    composited on white (dropping the alpha would show the hidden colours of transparent pixels,
+    the background of most chart PNGs); every other mode is PIL's plain convert("RGB"). As in
+    transformers, "has alpha" goes by the band names, so opaque LAB (bands L, A, B) is composited
+    too, which gives its plain conversion."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -418,11 +350,10 @@ class ImageProcessor:
             with open(file) as f:
                 c = json.load(f)
             size = c.get("size") or {}
-            kw["min_pixels"] = c.get("min_pixels", size.get("shortest_edge", 3136))
-            kw["max_pixels"] = c.get("max_pixels", size.get("longest_edge", 12845056))
-            kw["patch_size"] = c.get("patch_size", 14)
-            kw["temporal_patch_size"] = c.get("temporal_patch_size", 2)
-            kw["merge_size"] = c.get("merge_size", 2)
+            kw = dict(min_pixels=c.get("min_pixels", size.get("shortest_edge", 3136)),
+                      max_pixels=c.get("max_pixels", size.get("longest_edge", 12845056)),
+                      patch_size=c.get("patch_size", 14), temporal_patch_size=c.get("temporal_patch_size", 2),
+                      merge_size=c.get("merge_size", 2))
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
 
@@ -475,60 +406,42 @@ class ImageProcessor:
         return torch.from_numpy(np.concatenate(rows)), torch.tensor(grids, dtype=torch.long)
 
 
-# ---- datasets: records, validation, batching ----
+# --------------------------------------------------------------------------------------------
+# Datasets: records, validation, batching
+# --------------------------------------------------------------------------------------------
 #
-# A training file holds records in any of the forms people already have, either as JSON lines (one
-# record a line) or as one JSON array of records (LLaMA-Factory's .json files; a file whose first
-# character is "[" is read as an array whatever its name). All are normalised into one internal
-# form, `Record(messages, images, where)`: chat messages as encode_chat takes them (content a list of
-# {"type": "text", "text"} / {"type": "image"} parts, in order) and the image sources: file paths
-# resolved against the folder of the data file, or the image bytes of an inline image.
+# A training file is JSON lines or one JSON array of records (LLaMA-Factory's .json; a file whose
+# first character is "[" is an array whatever its name). Every record form becomes one internal
+# `Record(messages, images, where)`: messages as encode_chat takes them (content a list of text /
+# image parts, in order) and image sources (paths resolved against the data file's folder, or the
+# bytes of an inline image).
 #
 #   (a) chat (OpenAI / TRL / transformers)
 #         {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
 #                       {"role": "assistant", "content": "A"}], "images": ["a.png"]}
 #         {"prompt": [user message(s)], "completion": [assistant message], "images": [...]}  (TRL)
-#       content is a str or a list of parts; an image part may name its image itself, then without
-#       a top-level `images`: {"type": "image", "image" | "path" | "url": SRC}, {"type": "image",
-#       "base64": B64}, {"type": "image_url", "image_url": {"url": SRC}} (OpenAI).
-#   (b) LLaMA-Factory
-#         {"messages": [{"role": "user", "content": "<image>Q"}, ...], "images": ["a.png"]}
-#         {"conversations": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"}],
-#          "images": ["a.png"], "system": "S"}                                        (ShareGPT)
-#         {"instruction": "Q", "input": "more", "output": "A", "history": [["q0", "a0"]],
-#          "images": [...], "system": "S"}                                            (Alpaca)
-#   (c) flat / EasyR1
-#         {"images": [...] (or "image"), "question" | "problem" | "prompt": "Q",
-#          "response" | "solution": "A", "answer": "...", "system": "S"}
-#       `answer` (a string or a number) is the response only when there is no response/solution
-#       (the paper's responses hold their own <answer>...</answer>); otherwise it is ignored here.
+#       an image part may name its image (then no top-level `images`): {"type": "image", "image" |
+#       "path" | "url": SRC}, {"type": "image", "base64": B64}, {"type": "image_url", "image_url": {"url": SRC}}
+#   (b) LLaMA-Factory: {"messages": [{"role": "user", "content": "<image>Q"}, ...], "images": ["a.png"]},
+#         {"conversations": [{"from": "human" | "gpt", "value": "<image>Q"}], "images", "system"?}  (ShareGPT)
+#         {"instruction": "Q", "input"?, "output": "A", "history"?: [["q0", "a0"]], "images"?, "system"?}  (Alpaca)
+#   (c) flat / EasyR1: {"images" | "image", "question" | "problem" | "prompt": "Q", "response" | "solution": "A",
+#         "answer"?, "system"?}; `answer` (a string or a number) is the response only when there is no
+#         response/solution (the paper's responses hold their own <answer>...</answer>)
 #
-# An image SRC is a file path (relative to the data file's folder), a file:// URL or a data: URL
-# (base64); an entry of `images` may also be a dict {"bytes": ..., "path": ...} as EasyR1 and
-# Hugging Face datasets store images (bytes: base64 or a data: URL; used when given, else path).
-# Remote (http) URLs are refused: download the images first.
-# `<image>` in any text is a placeholder and the image goes exactly there (also mid-question);
-# placeholders and images must then match in number. A record with images but no placeholder and no
-# image part at all shows them at the start of its first user turn (as LLaMA-Factory does).
-#
-# Text-only records (no images) are first-class: the paper compares text-only and multimodal
-# cold-start data. A top-level "system" (any form) becomes the system turn; without one, encode_chat
-# inserts Qwen's default system prompt as the chat template does.
-#
-# SFTDataset reads the file once and validates every record before training starts: parsed,
-# normalised, every image found and its header readable (its size gives the number of image tokens
-# without decoding the pixels), placeholders == images, at least one assistant turn, and the
-# tokenized length (image tokens expanded) within max_len. Only text and paths (or an inline image's
-# bytes) are kept in memory; images are decoded when a batch is built (`dataset[i]`).
+# An image SRC: see image_source; remote (http) URLs are refused. `<image>` in any text is a
+# placeholder: the image goes exactly there (placeholders and images must match in number); images
+# with neither placeholder nor image part open the first user turn (as in LLaMA-Factory). Text-only
+# records are first-class (the paper compares text-only and multimodal cold-start). A top-level
+# "system" becomes the system turn; without one, encode_chat inserts Qwen's default system prompt.
 
 IMAGE_PLACEHOLDER = "<image>"
 _ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
                  "model": "assistant", "bot": "assistant", "system": "system"}
-RECORD_FORMS = ('{"messages": [{"role", "content"}], "images"?} (OpenAI/TRL/LLaMA-Factory), '
-                '{"prompt", "completion"} (TRL), '
-                '{"conversations": [{"from", "value"}], "images"?} (ShareGPT), '
-                '{"instruction", "input"?, "output", "images"?} (Alpaca), '
-                '{"question" or "problem", "response" or "answer", "images"?} (flat/EasyR1)')
+RECORD_FORMS = ('{"messages": [{"role", "content"}], "images"?} (OpenAI/TRL/LLaMA-Factory), {"prompt", "completion"} '
+                '(TRL), {"conversations": [{"from", "value"}], "images"?} (ShareGPT), {"instruction", "input"?, '
+                '"output", "images"?} (Alpaca), {"question" or "problem", "response" or "answer", "images"?} '
+                '(flat/EasyR1)')
 
 
 class DataError(UserError):
@@ -616,8 +529,9 @@ def _decode_b64(text: str, what: str) -> bytes:
 
 
 def image_source(src, base_dir: str):
-    """One image reference of a record -> a file path (str) or the image's bytes.
-    src: a path (relative to base_dir), a file:// URL, a data: URL, or a dict {"bytes", "path"}."""
+    """One image reference of a record -> a file path (str) or the image's bytes. src: a path
+    (relative to base_dir), a file:// URL, a base64 data: URL, or a dict {"bytes", "path"} as EasyR1
+    and Hugging Face datasets store images (bytes: base64 or a data: URL, used when given)."""
     if isinstance(src, dict):  # EasyR1 / Hugging Face datasets' Image: bytes first, else the path
         if src.get("bytes") is not None:
             b = src["bytes"]
@@ -798,8 +712,11 @@ def image_tokens(src, improc: "ImageProcessor", check: str = "header", name: str
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    """Validated SFT records of one data file (JSON lines or a JSON array, any form above);
-    `dataset[i]` tokenizes record i and decodes its images.
+    """The SFT records of one data file (JSON lines or a JSON array, any form above), all validated
+    once before training: parsed, normalised, every image found and its header readable (its size
+    gives its image tokens without decoding), placeholders == images, an assistant turn, the length
+    within max_len. Only text and paths (or an inline image's bytes) stay in memory: `dataset[i]`
+    tokenizes record i and decodes its images.
 
     max_len:     longest allowed sequence (image tokens included); None = no limit.
     on_long:     "drop" (count and drop records over max_len) or "error". A record is never cut:
@@ -816,20 +733,18 @@ class SFTDataset(torch.utils.data.Dataset):
         if not os.path.exists(path):
             raise DataError(f"{path}: data file does not exist")
         self.path, self.tok, self.improc = path, tok, improc
-        self.records: list[Record] = []
-        self.lengths: list[int] = []  # tokens per record, image tokens included
-        self.n_images: list[int] = []
+        self.records, self.lengths, self.n_images = [], [], []  # lengths: tokens, image tokens included
         errors, long_errors = [], []
         self.stats = {"lines": 0, "kept": 0, "bad": 0, "too_long": 0, "with_images": 0, "text_only": 0}
         base = os.path.dirname(os.path.abspath(path))
-        sizes: dict = {}  # image path (or bytes) -> tokens
+        tokens_of = functools.cache(lambda src: image_tokens(src, improc, check_images))  # a shared image: read once
         for where, obj, error in read_records(path):  # JSON lines or a JSON array
             self.stats["lines"] += 1
             try:
                 if error is not None:
                     raise error
                 rec = normalize_record(obj, base, where)
-                n_tok = [self._image_tokens(p, sizes, check_images) for p in rec.images]
+                n_tok = [tokens_of(p) for p in rec.images]
                 length = len(encode_chat(tok, rec.messages, n_tok)["input_ids"])
             except (ValueError, TypeError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError: ValueError
                 self.stats["bad"] += 1
@@ -844,9 +759,8 @@ class SFTDataset(torch.utils.data.Dataset):
             self.records.append(rec)
             self.lengths.append(length)
             self.n_images.append(len(rec.images))
-        self.stats["kept"] = len(self.records)
-        self.stats["with_images"] = sum(n > 0 for n in self.n_images)
-        self.stats["text_only"] = len(self.records) - self.stats["with_images"]
+        with_images = sum(n > 0 for n in self.n_images)
+        self.stats.update(kept=len(self.records), with_images=with_images, text_only=len(self.records) - with_images)
         self.errors = errors
         for kind, errs, fatal in (("invalid", errors, not skip_bad), ("too long", long_errors, True)):
             if errs and fatal:
@@ -857,23 +771,15 @@ class SFTDataset(torch.utils.data.Dataset):
         if not self.records:
             raise DataError(f"{path}: no usable records ({self.stats})")
 
-    def _image_tokens(self, src, cache: dict, check: str) -> int:
-        if src not in cache:  # an image shared by records is read once
-            cache[src] = image_tokens(src, self.improc, check)
-        return cache[src]
-
     def __len__(self):
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
         """Record i as tensors: input_ids, labels, roles (T,), pixel_values (N, 1176) or None,
-        image_grid_thw (n, 3) or None. Images are decoded here, not before.
-
-        An image that passed the header check but does not decode now (a truncated file, one
-        changed or removed since validation) gives {"index": i, "error": message naming the record
-        and the file} instead of an exception: raised inside a data-loader worker, it would end the
-        run with the worker's traceback. `collate` leaves such records out and lists them in the
-        batch's "skipped"; the training loop then skips and counts them or stops."""
+        image_grid_thw (n, 3) or None; its images are decoded here. An image that no longer decodes
+        (truncated, changed or removed since validation) gives {"index": i, "error": message naming
+        record and file}, not an exception that would end the run from inside a data-loader worker:
+        `collate` lists such records in "skipped", and the training loop skips or stops."""
         rec = self.records[i]
         try:
             pixel_values, grid = self.improc(rec.images) if rec.images else (None, None)
@@ -896,15 +802,11 @@ class SFTDataset(torch.utils.data.Dataset):
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True,
                   bucket_batches: int = 16) -> list[list[int]]:
-    """The global batches (lists of record indices) of one epoch, the same on every process.
-
-    A seeded shuffle (seed, epoch) of all records is cut into buckets of `bucket_batches` batches;
-    each bucket is sorted by length and cut into batches, and the batches are shuffled again. So a
-    batch holds records of similar length (little padding), and the epoch's order stays random.
-    Within a batch, records stay sorted, so consecutive micro-batches are similar too. The last
-    incomplete batch is dropped (different records each epoch); with group_by_length=False the
-    batches are plain consecutive slices of the shuffle.
-    """
+    """The global batches (lists of record indices) of one epoch, the same on every process: a
+    seeded shuffle (seed, epoch) cut into buckets of `bucket_batches` batches, each bucket sorted by
+    length and cut into batches, the batches shuffled again. So a batch holds records of similar
+    length (little padding, sorted within the batch) and the epoch's order stays random. The last
+    incomplete batch is dropped; with group_by_length=False batches are plain slices of the shuffle."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(len(lengths), generator=g).tolist()
     n = len(order) // batch_size * batch_size
@@ -921,10 +823,9 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gr
 
 
 def micro_batches(batch: list[int], micro_batch: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
-    """This process's micro-batches of one global batch: cut into micro-batches of `micro_batch`
-    consecutive (similar-length) records; micro-batch j goes to process j % world_size, so every
-    process gets long and short ones alike. One process with A micro-batches sees exactly the
-    micro-batches that A processes would see one each."""
+    """This process's micro-batches of one global batch: `micro_batch` consecutive (similar-length)
+    records each, micro-batch j to process j % world_size, so every process gets long and short
+    ones alike, and one process with A micro-batches sees exactly what A processes would see."""
     assert len(batch) % (micro_batch * world_size) == 0, (len(batch), micro_batch, world_size)
     mbs = [batch[i:i + micro_batch] for i in range(0, len(batch), micro_batch)]
     return mbs[rank::world_size]
@@ -934,11 +835,9 @@ def collate(samples: list[dict], pad_id: int) -> dict:
     """Right-pad a micro-batch: input_ids (B, T) with pad_id, attention_mask (B, T) 0 on padding,
     labels (B, T) with IGNORE, roles (B, T) with PAD_ROLE; pixel_values (N, 1176) and image_grid_thw
     (n, 3) of the batch's images in row order (None if none). Labels are not shifted here.
-
-    Records that failed to load (SFTDataset.__getitem__'s {"index", "error"}) are left out and
-    listed in "skipped" as (index, message). When all of them failed, the batch is one padding
-    token with no label ("empty": True): it trains nothing, but every process still runs the same
-    forward and backward passes (under FSDP they are collectives)."""
+    Records that failed to load (SFTDataset.__getitem__'s {"index", "error"}) are left out and listed
+    in "skipped" as (index, message); when all failed, the batch is one padding token with no label
+    ("empty": True): it trains nothing, but every process runs the same forward and backward."""
     skipped = [(s["index"], s["error"]) for s in samples if "error" in s]
     samples = [s for s in samples if "error" not in s]
     empty = not samples
