@@ -1,4 +1,6 @@
-"""Data for Qwen2.5-VL: tokenizer and chat format, image processor, token roles, datasets.
+"""Data for Qwen2.5-VL: user errors, tokenizer and chat format with token roles, the prompt
+format, image processor, training records, the SFT dataset and its batches. Imports nothing from
+the project: every other module builds on it.
 
 Every token of a conversation gets exactly one role while the sequence is assembled (never
 recovered from decoded text); the formulas of vas.py select tokens by these roles:
@@ -9,87 +11,31 @@ recovered from decoded text); the formulas of vas.py select tokens by these role
                  <|vision_end|>, the `<|im_start|>assistant\\n` header, the `\\n` after a reply
     RESPONSE (R) the assistant's content and the `<|im_end|>` closing it (what SFT trains on)
 
-The image processor reproduces transformers' Qwen2VLImageProcessor (PIL path) exactly, transparent
-images composited on white as its convert_to_rgb does (`to_rgb`):
+The prompt format (`build_prompt`: question, "A. text" option lines, answer instruction) is the one
+user turn that evaluation, GRPO, the toy world and the cold-start synthesis share. The image
+processor reproduces transformers' Qwen2VLImageProcessor (PIL path) exactly, transparent images
+composited on white as its convert_to_rgb does (`to_rgb`):
 `ImageProcessor(min_pixels, max_pixels)(images) -> (pixel_values (N, 1176), image_grid_thw (n, 3))`.
-
-The toy world and the data synthesis (the end of this file):
-
-
-    Part 1, the toy world. Small flat drawings (56x56 by default: 2x2 merged vision tokens of 28 px)
-    with short questions whose answers need the image, so that a tiny Qwen2.5-VL-shaped model with a
-    byte-level BPE tokenizer learned from the toy texts (`make_toy_model`) can be trained from
-    scratch on 2 CPU cores in minutes and scored above chance.
-    Families (answer space, chance):
-        color  open  "What color is the shape?"            red/green/blue/yellow/purple   1/5
-        shape  MC    "What shape is shown?" + 3 options     option letter                  1/3
-        count  open  "How many shapes are there?"          1-4                            1/4
-        side   open  "Is the circle on the left or right?"  left/right                     1/2
-        bars   MC    "Which bar is taller?" + 2 options     option letter                  1/2
-    Every problem is a pure function of its seed; sft, rl and eval use disjoint seeds, and an eval
-    problem whose (pixels, question) pair also occurs in sft or rl is redrawn. SFT responses are
-    `<think>...</think><answer>X</answer>` under 200 characters (~30 toy tokens): they cite
-    what they see ("I see a red square.") and re-check the image ("Looking at the image again, ...").
-    The text-only variant keeps the same question and reasoning without the image (the paper's
-    text-only cold-start, section 2).
-    The base model (`pretrain_toy_model`, run by `python data.py toy`): the random model trained
-    with train_sft.py's LM loss on pretrain.jsonl, problems of their own drawn by the same
-    renderer, half captions ("Describe the image." -> "A red triangle in the top left."), half
-    the question answered at once ("<answer>red</answer>"): like an instruction-tuned VLM it reads
-    images and answers before any cold-start, and it carries an attention sink on the system turn.
-    The visual-anchored records (sft_anchored.jsonl) are the SFT problems run through Part 2's
-    `synthesize` with ToyTeacher, a teacher that sees the drawing exactly.
-
-    Part 2, visual-anchored synthesis (AVAR 4a). Each raw problem goes through three teacher calls:
-        1. DESCRIBE_PROMPT  (+ images): structured description: global scan, element decomposition,
-                                        linking, synthesis;
-        2. REASON_PROMPT    (text only): reasoning with iterative self-reflection from the description,
-                                        ending in <answer>..</answer>;
-        3. ANCHOR_PROMPT    (+ images): the same reasoning with visual anchors inserted ("looking back
-                                        at the triangle...", "let me check the image again..."),
-                                        output <think>..</think><answer>..</answer>.
-    A record is kept only when the answer of stage 2 and of stage 3 grades equal to the gold answer.
-    The output is appended and flushed record by record, in input order, so a killed run resumes
-    where it stopped and ends with the same file.
-
-    A teacher is any object with `chat(messages: list[dict], images: list[PIL.Image]) -> str`; the
-    messages are OpenAI-style {"role", "content": str} and the images belong to the last user message.
-    OpenAITeacher speaks to any OpenAI-compatible /chat/completions endpoint (vLLM, SGLang, hosted).
-
-    Run:
-        python data.py toy --out toy --n-train 2000 --n-eval 200      # the world and the pretrained base model
-        python data.py toy --out toy --model-seed 1 --model-out runs/base_1   # the base model of another seed
-        python data.py synth --input raw.jsonl --output cold_start.jsonl \
-            --base-url http://localhost:8000/v1 --model Qwen2.5-VL-72B-Instruct [--api-key-env VAR]
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import bisect
-import hashlib
-import http.client
+import functools
 import io
 import json
-import logging
 import math
 import os
-import random
 import re
-import socket
 import sys
-import threading
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
+from tokenizers import Tokenizer as HFTokenizer
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,8 +45,7 @@ from PIL import Image, ImageDraw
 
 class UserError(ValueError):
     """A problem with what the user gave (a file, a folder, an argument), not a bug of this code:
-    the scripts print its message, which names the file (and line), without a traceback. A
-    ValueError, as these problems were before the class existed."""
+    the scripts print its message, which names the file (and line), without a traceback."""
 
 
 def run_cli(main):
@@ -126,8 +71,7 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 QWEN_SPECIAL_TOKENS = [  # ids 151643.. in Qwen2 / Qwen2.5-VL; the toy tokenizer keeps their order
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 # The markers the chat format and the vision inputs give meaning to. encode_chat never matches them
 # inside record text: there they are plain text (see encode_chat).
 CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -144,11 +88,7 @@ class Tokenizer:
     NEEDED = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 
     def __init__(self, path: str):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        if os.path.isdir(path):
-            from model import resolve_checkpoint  # a training run's folder: its latest checkpoint
-            path = resolve_checkpoint(path)
+        """path: a model folder holding tokenizer.json (the caller resolves a run folder), or the file."""
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.exists(file):
             raise UserError(f"{file}: no tokenizer.json (the model folder needs its tokenizer)")
@@ -157,18 +97,11 @@ class Tokenizer:
         except Exception as e:  # the tokenizers library raises a bare Exception on a bad file
             raise UserError(f"{file}: not a readable tokenizer.json ({e})") from None
         self.path = file
-        ids = {}
-        for name in self.NEEDED:
-            i = self.tok.token_to_id(name)
-            if i is None:
-                raise UserError(f"{file}: the tokenizer lacks the special token {name}")
-            ids[name] = i
-        self.endoftext_id = ids["<|endoftext|>"]
-        self.im_start_id = ids["<|im_start|>"]
-        self.im_end_id = ids["<|im_end|>"]
-        self.vision_start_id = ids["<|vision_start|>"]
-        self.vision_end_id = ids["<|vision_end|>"]
-        self.image_pad_id = ids["<|image_pad|>"]
+        ids = [self.tok.token_to_id(name) for name in self.NEEDED]
+        if None in ids:
+            raise UserError(f"{file}: the tokenizer lacks the special token {self.NEEDED[ids.index(None)]}")
+        (self.endoftext_id, self.im_start_id, self.im_end_id, self.vision_start_id, self.vision_end_id,
+         self.image_pad_id) = ids
         self.pad_id = self.endoftext_id
         self.stop_ids = (self.im_end_id, self.endoftext_id)
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
@@ -190,8 +123,7 @@ class Tokenizer:
         return enc.ids, [o[0] for o in enc.offsets]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def decode_response(self, ids) -> str:
@@ -199,70 +131,9 @@ class Tokenizer:
         end-of-text / padding token, keeps every other token. skip_special_tokens=True would also drop
         <think>, </think>, <answer>, </answer> where a tokenizer adds them as special tokens (the
         paper's released tokenizer does), and with them every answer and every format reward."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
         drop = {self.im_start_id, self.im_end_id, self.endoftext_id, self.pad_id}
         return self.tok.decode([i for i in ids if i not in drop], skip_special_tokens=False)
-
-
-def byte_level_bpe(corpus=None, max_merges: int = 1024):
-    """A byte-level BPE tokenizer (a `tokenizers.Tokenizer`) for tiny models trained from scratch:
-    ids 0..255 are the 256 bytes, then up to `max_merges` merges learned from `corpus` (an
-    iterable of strings; none without one), then Qwen's special tokens in Qwen's order. Like
-    Qwen's own tokenizer it splits text with GPT-2's pattern before merging (so merges stay inside
-    words) and any text round-trips through the byte tokens."""
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    byte_chars = _bytes_to_unicode()  # the 256 printable stand-ins for raw bytes
-    assert set(byte_chars.values()) == set(ByteLevel.alphabet())
-    merges = []
-    if corpus is not None and max_merges > 0:
-        learner = HFTokenizer(models.BPE())
-        learner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        learner.train_from_iterator(corpus, trainers.BpeTrainer(
-            vocab_size=256 + max_merges, initial_alphabet=ByteLevel.alphabet(), min_frequency=2, show_progress=False))
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-                  for m in json.loads(learner.to_str())["model"]["merges"]]
-    # Renumber: bytes first, in byte order, then each merge's result in the order it was learned.
-    vocab = {byte_chars[b]: b for b in range(256)}
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in QWEN_SPECIAL_TOKENS])
-    return tok
-
-
-def make_byte_tokenizer(out_dir: str, corpus=None, max_merges: int = 1024) -> str:
-    """Write `byte_level_bpe(corpus, max_merges)` to out_dir. Without a corpus there are no merges:
-    every byte is a token and the special tokens take ids 256..269. Returns the file path."""
-    return save_tokenizer(byte_level_bpe(corpus, max_merges), out_dir)
-
-
-def save_tokenizer(tok, out_dir: str) -> str:
-    """out_dir/tokenizer.json, plus a tokenizer_config.json that lets transformers load it too."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "tokenizer.json")
-    tok.save(path)
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
-                   "pad_token": "<|endoftext|>", "model_max_length": 32768}, f, indent=2)
-    return path
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map used by byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,32 +141,25 @@ def _bytes_to_unicode() -> dict[int, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _is_image_part(part: dict) -> bool:
-    return part.get("type") == "image" or "image" in part or "image_url" in part
-
-
 def encode_chat(tok: Tokenizer, messages: list[dict], image_tokens: list[int] | None = None,
                 add_generation_prompt: bool = False, system: str | None = DEFAULT_SYSTEM) -> dict:
     """Render Qwen2.5-VL's chat template directly into ids, labels and roles.
 
     messages: [{"role": "system"|"user"|"assistant", "content": str | [{"type": "text", "text": ...},
-              {"type": "image"}, ...]}]. A default system turn is inserted (as the template does)
+              {"type": "image"}, ...]}]; a default system turn is inserted (as the template does)
               when the first message is not a system message and `system` is not None.
     image_tokens: number of <|image_pad|> slots for each image in order (t*h*w/4 of its grid).
-    Returns LongTensors input_ids (T,), labels (T,) (assistant content + <|im_end|>, else -100)
-    and roles (T,). Equal to `apply_chat_template` + the Qwen tokenizer on the same messages.
+    Returns LongTensors input_ids, labels (assistant content + <|im_end|>, else -100) and roles,
+    each (T,): equal to `apply_chat_template` + the Qwen tokenizer on the same messages.
 
-    Record text is data, never control: the markers of CONTROL_TOKENS (<|im_start|>, <|im_end|>,
-    <|vision_start|>, <|image_pad|>, <|endoftext|>, ...) come only from the structure built here;
-    written inside a message's text they are encoded as ordinary BPE pieces, as transformers'
-    `split_special_tokens=True` encodes them. So a question quoting "<|image_pad|>" cannot add an
-    image slot, nor an answer holding "<|im_end|>" end its turn or shift the loss mask. Every other
-    added token (e.g. <think> or <tool_call>, special or not) is matched as the tokenizer defines
-    it, so a response's reasoning tags keep the ids the released checkpoints were trained with.
-
-    Text between two special tokens is tokenized as one string (as the reference tokenizes the
-    whole rendered prompt), so BPE merges across e.g. "assistant\\n" + reply are kept; each token
-    then takes the role of the piece its first character came from.
+    Record text is data, never control: the CONTROL_TOKENS markers come only from the structure
+    built here; inside a message's text they are ordinary BPE pieces (transformers'
+    `split_special_tokens=True`), so a question quoting "<|image_pad|>" cannot add an image slot,
+    nor an answer holding "<|im_end|>" end its turn. Every other added token (<think>, ...) is
+    matched as the tokenizer defines it, keeping the ids the released checkpoints were trained with.
+    Text between two special tokens is tokenized as one string (as the reference tokenizes the whole
+    prompt, merges across "assistant\\n" + reply kept); each token takes the role of the piece its
+    first character came from.
     """
     pieces: list[tuple[str | int, int, bool]] = []  # (text or special id, role, trained)
     image_tokens = list(image_tokens or [])
@@ -305,23 +169,20 @@ def encode_chat(tok: Tokenizer, messages: list[dict], image_tokens: list[int] | 
         nonlocal n_img
         trained = role == RESPONSE
         head_role = SYSTEM if role == SYSTEM else USER
-        pieces.append((tok.im_start_id, head_role, False))
-        pieces.append((role_name + "\n", head_role, False))
+        pieces.extend([(tok.im_start_id, head_role, False), (role_name + "\n", head_role, False)])
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
         for part in parts:
-            if _is_image_part(part):
+            if part.get("type") == "image" or "image" in part or "image_url" in part:
                 if n_img >= len(image_tokens):
                     raise ValueError(f"messages hold more images than the {len(image_tokens)} given")
-                pieces.append((tok.vision_start_id, USER, False))
-                pieces.extend([(tok.image_pad_id, IMAGE, False)] * image_tokens[n_img])
-                pieces.append((tok.vision_end_id, USER, False))
+                pad = [(tok.image_pad_id, IMAGE, False)] * image_tokens[n_img]
+                pieces.extend([(tok.vision_start_id, USER, False), *pad, (tok.vision_end_id, USER, False)])
                 n_img += 1
             elif "text" in part:
                 pieces.append((part["text"], role, trained))
             else:
                 raise ValueError(f"unknown content part {part!r}")
-        pieces.append((tok.im_end_id, role, trained))
-        pieces.append(("\n", SYSTEM if role == SYSTEM else USER, False))
+        pieces.extend([(tok.im_end_id, role, trained), ("\n", head_role, False)])
 
     if messages and messages[0]["role"] != "system" and system is not None:
         turn("system", system, SYSTEM)
@@ -331,8 +192,7 @@ def encode_chat(tok: Tokenizer, messages: list[dict], image_tokens: list[int] | 
             raise ValueError("a system message is only allowed first")
         turn(r, m["content"], {"system": SYSTEM, "user": USER, "assistant": RESPONSE}[r])
     if add_generation_prompt:
-        pieces.append((tok.im_start_id, USER, False))
-        pieces.append(("assistant\n", USER, False))
+        pieces.extend([(tok.im_start_id, USER, False), ("assistant\n", USER, False)])
     if n_img != len(image_tokens):
         raise ValueError(f"{len(image_tokens)} images given but the messages hold {n_img}")
 
@@ -358,6 +218,53 @@ def encode_chat(tok: Tokenizer, messages: list[dict], image_tokens: list[int] | 
     input_ids = torch.tensor(ids, dtype=torch.long)
     labels = torch.where(torch.tensor(trained, dtype=torch.bool), input_ids, torch.full_like(input_ids, IGNORE))
     return {"input_ids": input_ids, "labels": labels, "roles": torch.tensor(roles, dtype=torch.long)}
+
+
+# --------------------------------------------------------------------------------------------
+# The prompt format: one user turn for training, evaluation, GRPO, the toy world and synthesis
+# --------------------------------------------------------------------------------------------
+
+ANSWER_INSTRUCTION = "Reason inside <think> </think>, then give the final answer inside <answer> </answer>."
+MC_INSTRUCTION = "Answer with the option letter."
+
+
+def option_letter(i):
+    return chr(ord("A") + i)
+
+
+def format_question(question, options=None, instruction=MC_INSTRUCTION):
+    """The prompt text: the question, then for multiple choice one "A. text" line per option and
+    the instruction. Options already written into the question (a line starting "A.") are not
+    repeated."""
+    question = question.strip()
+    if not options:
+        return question
+    if re.search(r"(?m)^\s*\(?A[.):]\s", question):
+        return question if instruction in question else f"{question}\n{instruction}"
+    lines = [f"{option_letter(i)}. {opt}" for i, opt in enumerate(options)]
+    return "\n".join([question, *lines, instruction])
+
+
+def build_prompt(record: dict) -> str:
+    """The user-turn text: question, "A. text" option lines, then the answer instruction.
+    (The image placeholders are added by the chat template, not here.)"""
+    lines = [record["question"].strip()]
+    if not record.get("options_in_question"):
+        lines += [f"{option_letter(i)}. {opt}" for i, opt in enumerate(record.get("options") or [])]
+    instruction = ANSWER_INSTRUCTION
+    if record.get("options") or record.get("answer_type") == "multi_choice":
+        instruction += " " + MC_INSTRUCTION
+    return "\n".join(lines) + "\n" + instruction
+
+
+def prompt_content(record: dict) -> list[dict]:
+    """The user turn's content parts: the record's images, then build_prompt(record). A training
+    record whose question places its images with `<image>` (`image_placeholders` true, set by
+    train_grpo's reader) keeps each image where its placeholder is."""
+    text = build_prompt(record)
+    if record.get("image_placeholders"):
+        return split_placeholders(text)
+    return [{"type": "image"} for _ in record["images"]] + [{"type": "text", "text": text}]
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,13 +295,12 @@ def smart_resize(h: int, w: int, factor: int = 28, min_pixels: int = 3136, max_p
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB as transformers' `convert_to_rgb` makes it (the image processor's first step): an image
-    with an alpha band or a `transparency` entry (RGBA, LA, PA, P or L or RGB with a PNG tRNS chunk,
-    GIF transparency) is composited on white; every other mode is PIL's plain convert("RGB")
-    (1, L, P, CMYK, YCbCr, I, I;16, F, ...). Dropping the alpha instead would show the hidden
-    colours of transparent pixels (the background of most chart PNGs). As in transformers, "has
-    alpha" is decided by the band names, so LAB (whose bands are L, A, B) takes the compositing
-    path too; it is opaque, so the result is its plain conversion."""
+    """RGB as transformers' `convert_to_rgb` makes it: an image with an alpha band or a
+    `transparency` entry (RGBA, LA, PA; P, L or RGB with a PNG tRNS chunk or GIF transparency) is
+    composited on white (dropping the alpha would show the hidden colours of transparent pixels,
+    the background of most chart PNGs); every other mode is PIL's plain convert("RGB"). As in
+    transformers, "has alpha" goes by the band names, so opaque LAB (bands L, A, B) is composited
+    too, which gives its plain conversion."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -436,20 +342,18 @@ class ImageProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str, **overrides) -> "ImageProcessor":
-        """Read `preprocessor_config.json` if the folder has one (hub defaults otherwise)."""
-        from model import resolve_checkpoint  # a training run's folder: its latest checkpoint
-
+        """Read the model folder's `preprocessor_config.json` if it has one (hub defaults otherwise);
+        the caller resolves a run folder to its checkpoint."""
         kw = {}
-        file = os.path.join(resolve_checkpoint(path), "preprocessor_config.json")
+        file = os.path.join(path, "preprocessor_config.json")
         if os.path.exists(file):
             with open(file) as f:
                 c = json.load(f)
             size = c.get("size") or {}
-            kw["min_pixels"] = c.get("min_pixels", size.get("shortest_edge", 3136))
-            kw["max_pixels"] = c.get("max_pixels", size.get("longest_edge", 12845056))
-            kw["patch_size"] = c.get("patch_size", 14)
-            kw["temporal_patch_size"] = c.get("temporal_patch_size", 2)
-            kw["merge_size"] = c.get("merge_size", 2)
+            kw = dict(min_pixels=c.get("min_pixels", size.get("shortest_edge", 3136)),
+                      max_pixels=c.get("max_pixels", size.get("longest_edge", 12845056)),
+                      patch_size=c.get("patch_size", 14), temporal_patch_size=c.get("temporal_patch_size", 2),
+                      merge_size=c.get("merge_size", 2))
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
 
@@ -502,60 +406,42 @@ class ImageProcessor:
         return torch.from_numpy(np.concatenate(rows)), torch.tensor(grids, dtype=torch.long)
 
 
-# ---- datasets: records, validation, batching ----
+# --------------------------------------------------------------------------------------------
+# Datasets: records, validation, batching
+# --------------------------------------------------------------------------------------------
 #
-# A training file holds records in any of the forms people already have, either as JSON lines (one
-# record a line) or as one JSON array of records (LLaMA-Factory's .json files; a file whose first
-# character is "[" is read as an array whatever its name). All are normalised into one internal
-# form, `Record(messages, images, where)`: chat messages as encode_chat takes them (content a list of
-# {"type": "text", "text"} / {"type": "image"} parts, in order) and the image sources: file paths
-# resolved against the folder of the data file, or the image bytes of an inline image.
+# A training file is JSON lines or one JSON array of records (LLaMA-Factory's .json; a file whose
+# first character is "[" is an array whatever its name). Every record form becomes one internal
+# `Record(messages, images, where)`: messages as encode_chat takes them (content a list of text /
+# image parts, in order) and image sources (paths resolved against the data file's folder, or the
+# bytes of an inline image).
 #
 #   (a) chat (OpenAI / TRL / transformers)
 #         {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
 #                       {"role": "assistant", "content": "A"}], "images": ["a.png"]}
 #         {"prompt": [user message(s)], "completion": [assistant message], "images": [...]}  (TRL)
-#       content is a str or a list of parts; an image part may name its image itself, then without
-#       a top-level `images`: {"type": "image", "image" | "path" | "url": SRC}, {"type": "image",
-#       "base64": B64}, {"type": "image_url", "image_url": {"url": SRC}} (OpenAI).
-#   (b) LLaMA-Factory
-#         {"messages": [{"role": "user", "content": "<image>Q"}, ...], "images": ["a.png"]}
-#         {"conversations": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"}],
-#          "images": ["a.png"], "system": "S"}                                        (ShareGPT)
-#         {"instruction": "Q", "input": "more", "output": "A", "history": [["q0", "a0"]],
-#          "images": [...], "system": "S"}                                            (Alpaca)
-#   (c) flat / EasyR1
-#         {"images": [...] (or "image"), "question" | "problem" | "prompt": "Q",
-#          "response" | "solution": "A", "answer": "...", "system": "S"}
-#       `answer` (a string or a number) is the response only when there is no response/solution
-#       (the paper's responses hold their own <answer>...</answer>); otherwise it is ignored here.
+#       an image part may name its image (then no top-level `images`): {"type": "image", "image" |
+#       "path" | "url": SRC}, {"type": "image", "base64": B64}, {"type": "image_url", "image_url": {"url": SRC}}
+#   (b) LLaMA-Factory: {"messages": [{"role": "user", "content": "<image>Q"}, ...], "images": ["a.png"]},
+#         {"conversations": [{"from": "human" | "gpt", "value": "<image>Q"}], "images", "system"?}  (ShareGPT)
+#         {"instruction": "Q", "input"?, "output": "A", "history"?: [["q0", "a0"]], "images"?, "system"?}  (Alpaca)
+#   (c) flat / EasyR1: {"images" | "image", "question" | "problem" | "prompt": "Q", "response" | "solution": "A",
+#         "answer"?, "system"?}; `answer` (a string or a number) is the response only when there is no
+#         response/solution (the paper's responses hold their own <answer>...</answer>)
 #
-# An image SRC is a file path (relative to the data file's folder), a file:// URL or a data: URL
-# (base64); an entry of `images` may also be a dict {"bytes": ..., "path": ...} as EasyR1 and
-# Hugging Face datasets store images (bytes: base64 or a data: URL; used when given, else path).
-# Remote (http) URLs are refused: download the images first.
-# `<image>` in any text is a placeholder and the image goes exactly there (also mid-question);
-# placeholders and images must then match in number. A record with images but no placeholder and no
-# image part at all shows them at the start of its first user turn (as LLaMA-Factory does).
-#
-# Text-only records (no images) are first-class: the paper compares text-only and multimodal
-# cold-start data. A top-level "system" (any form) becomes the system turn; without one, encode_chat
-# inserts Qwen's default system prompt as the chat template does.
-#
-# SFTDataset reads the file once and validates every record before training starts: parsed,
-# normalised, every image found and its header readable (its size gives the number of image tokens
-# without decoding the pixels), placeholders == images, at least one assistant turn, and the
-# tokenized length (image tokens expanded) within max_len. Only text and paths (or an inline image's
-# bytes) are kept in memory; images are decoded when a batch is built (`dataset[i]`).
+# An image SRC: see image_source; remote (http) URLs are refused. `<image>` in any text is a
+# placeholder: the image goes exactly there (placeholders and images must match in number); images
+# with neither placeholder nor image part open the first user turn (as in LLaMA-Factory). Text-only
+# records are first-class (the paper compares text-only and multimodal cold-start). A top-level
+# "system" becomes the system turn; without one, encode_chat inserts Qwen's default system prompt.
 
 IMAGE_PLACEHOLDER = "<image>"
 _ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
                  "model": "assistant", "bot": "assistant", "system": "system"}
-RECORD_FORMS = ('{"messages": [{"role", "content"}], "images"?} (OpenAI/TRL/LLaMA-Factory), '
-                '{"prompt", "completion"} (TRL), '
-                '{"conversations": [{"from", "value"}], "images"?} (ShareGPT), '
-                '{"instruction", "input"?, "output", "images"?} (Alpaca), '
-                '{"question" or "problem", "response" or "answer", "images"?} (flat/EasyR1)')
+RECORD_FORMS = ('{"messages": [{"role", "content"}], "images"?} (OpenAI/TRL/LLaMA-Factory), {"prompt", "completion"} '
+                '(TRL), {"conversations": [{"from", "value"}], "images"?} (ShareGPT), {"instruction", "input"?, '
+                '"output", "images"?} (Alpaca), {"question" or "problem", "response" or "answer", "images"?} '
+                '(flat/EasyR1)')
 
 
 class DataError(UserError):
@@ -643,8 +529,9 @@ def _decode_b64(text: str, what: str) -> bytes:
 
 
 def image_source(src, base_dir: str):
-    """One image reference of a record -> a file path (str) or the image's bytes.
-    src: a path (relative to base_dir), a file:// URL, a data: URL, or a dict {"bytes", "path"}."""
+    """One image reference of a record -> a file path (str) or the image's bytes. src: a path
+    (relative to base_dir), a file:// URL, a base64 data: URL, or a dict {"bytes", "path"} as EasyR1
+    and Hugging Face datasets store images (bytes: base64 or a data: URL, used when given)."""
     if isinstance(src, dict):  # EasyR1 / Hugging Face datasets' Image: bytes first, else the path
         if src.get("bytes") is not None:
             b = src["bytes"]
@@ -825,8 +712,11 @@ def image_tokens(src, improc: "ImageProcessor", check: str = "header", name: str
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    """Validated SFT records of one data file (JSON lines or a JSON array, any form above);
-    `dataset[i]` tokenizes record i and decodes its images.
+    """The SFT records of one data file (JSON lines or a JSON array, any form above), all validated
+    once before training: parsed, normalised, every image found and its header readable (its size
+    gives its image tokens without decoding), placeholders == images, an assistant turn, the length
+    within max_len. Only text and paths (or an inline image's bytes) stay in memory: `dataset[i]`
+    tokenizes record i and decodes its images.
 
     max_len:     longest allowed sequence (image tokens included); None = no limit.
     on_long:     "drop" (count and drop records over max_len) or "error". A record is never cut:
@@ -843,20 +733,18 @@ class SFTDataset(torch.utils.data.Dataset):
         if not os.path.exists(path):
             raise DataError(f"{path}: data file does not exist")
         self.path, self.tok, self.improc = path, tok, improc
-        self.records: list[Record] = []
-        self.lengths: list[int] = []  # tokens per record, image tokens included
-        self.n_images: list[int] = []
+        self.records, self.lengths, self.n_images = [], [], []  # lengths: tokens, image tokens included
         errors, long_errors = [], []
         self.stats = {"lines": 0, "kept": 0, "bad": 0, "too_long": 0, "with_images": 0, "text_only": 0}
         base = os.path.dirname(os.path.abspath(path))
-        sizes: dict = {}  # image path (or bytes) -> tokens
+        tokens_of = functools.cache(lambda src: image_tokens(src, improc, check_images))  # a shared image: read once
         for where, obj, error in read_records(path):  # JSON lines or a JSON array
             self.stats["lines"] += 1
             try:
                 if error is not None:
                     raise error
                 rec = normalize_record(obj, base, where)
-                n_tok = [self._image_tokens(p, sizes, check_images) for p in rec.images]
+                n_tok = [tokens_of(p) for p in rec.images]
                 length = len(encode_chat(tok, rec.messages, n_tok)["input_ids"])
             except (ValueError, TypeError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError: ValueError
                 self.stats["bad"] += 1
@@ -871,9 +759,8 @@ class SFTDataset(torch.utils.data.Dataset):
             self.records.append(rec)
             self.lengths.append(length)
             self.n_images.append(len(rec.images))
-        self.stats["kept"] = len(self.records)
-        self.stats["with_images"] = sum(n > 0 for n in self.n_images)
-        self.stats["text_only"] = len(self.records) - self.stats["with_images"]
+        with_images = sum(n > 0 for n in self.n_images)
+        self.stats.update(kept=len(self.records), with_images=with_images, text_only=len(self.records) - with_images)
         self.errors = errors
         for kind, errs, fatal in (("invalid", errors, not skip_bad), ("too long", long_errors, True)):
             if errs and fatal:
@@ -884,23 +771,15 @@ class SFTDataset(torch.utils.data.Dataset):
         if not self.records:
             raise DataError(f"{path}: no usable records ({self.stats})")
 
-    def _image_tokens(self, src, cache: dict, check: str) -> int:
-        if src not in cache:  # an image shared by records is read once
-            cache[src] = image_tokens(src, self.improc, check)
-        return cache[src]
-
     def __len__(self):
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
         """Record i as tensors: input_ids, labels, roles (T,), pixel_values (N, 1176) or None,
-        image_grid_thw (n, 3) or None. Images are decoded here, not before.
-
-        An image that passed the header check but does not decode now (a truncated file, one
-        changed or removed since validation) gives {"index": i, "error": message naming the record
-        and the file} instead of an exception: raised inside a data-loader worker, it would end the
-        run with the worker's traceback. `collate` leaves such records out and lists them in the
-        batch's "skipped"; the training loop then skips and counts them or stops."""
+        image_grid_thw (n, 3) or None; its images are decoded here. An image that no longer decodes
+        (truncated, changed or removed since validation) gives {"index": i, "error": message naming
+        record and file}, not an exception that would end the run from inside a data-loader worker:
+        `collate` lists such records in "skipped", and the training loop skips or stops."""
         rec = self.records[i]
         try:
             pixel_values, grid = self.improc(rec.images) if rec.images else (None, None)
@@ -923,15 +802,11 @@ class SFTDataset(torch.utils.data.Dataset):
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True,
                   bucket_batches: int = 16) -> list[list[int]]:
-    """The global batches (lists of record indices) of one epoch, the same on every process.
-
-    A seeded shuffle (seed, epoch) of all records is cut into buckets of `bucket_batches` batches;
-    each bucket is sorted by length and cut into batches, and the batches are shuffled again. So a
-    batch holds records of similar length (little padding), and the epoch's order stays random.
-    Within a batch, records stay sorted, so consecutive micro-batches are similar too. The last
-    incomplete batch is dropped (different records each epoch); with group_by_length=False the
-    batches are plain consecutive slices of the shuffle.
-    """
+    """The global batches (lists of record indices) of one epoch, the same on every process: a
+    seeded shuffle (seed, epoch) cut into buckets of `bucket_batches` batches, each bucket sorted by
+    length and cut into batches, the batches shuffled again. So a batch holds records of similar
+    length (little padding, sorted within the batch) and the epoch's order stays random. The last
+    incomplete batch is dropped; with group_by_length=False batches are plain slices of the shuffle."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(len(lengths), generator=g).tolist()
     n = len(order) // batch_size * batch_size
@@ -948,10 +823,9 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gr
 
 
 def micro_batches(batch: list[int], micro_batch: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
-    """This process's micro-batches of one global batch: cut into micro-batches of `micro_batch`
-    consecutive (similar-length) records; micro-batch j goes to process j % world_size, so every
-    process gets long and short ones alike. One process with A micro-batches sees exactly the
-    micro-batches that A processes would see one each."""
+    """This process's micro-batches of one global batch: `micro_batch` consecutive (similar-length)
+    records each, micro-batch j to process j % world_size, so every process gets long and short
+    ones alike, and one process with A micro-batches sees exactly what A processes would see."""
     assert len(batch) % (micro_batch * world_size) == 0, (len(batch), micro_batch, world_size)
     mbs = [batch[i:i + micro_batch] for i in range(0, len(batch), micro_batch)]
     return mbs[rank::world_size]
@@ -961,11 +835,9 @@ def collate(samples: list[dict], pad_id: int) -> dict:
     """Right-pad a micro-batch: input_ids (B, T) with pad_id, attention_mask (B, T) 0 on padding,
     labels (B, T) with IGNORE, roles (B, T) with PAD_ROLE; pixel_values (N, 1176) and image_grid_thw
     (n, 3) of the batch's images in row order (None if none). Labels are not shifted here.
-
-    Records that failed to load (SFTDataset.__getitem__'s {"index", "error"}) are left out and
-    listed in "skipped" as (index, message). When all of them failed, the batch is one padding
-    token with no label ("empty": True): it trains nothing, but every process still runs the same
-    forward and backward passes (under FSDP they are collectives)."""
+    Records that failed to load (SFTDataset.__getitem__'s {"index", "error"}) are left out and listed
+    in "skipped" as (index, message); when all failed, the batch is one padding token with no label
+    ("empty": True): it trains nothing, but every process runs the same forward and backward."""
     skipped = [(s["index"], s["error"]) for s in samples if "error" in s]
     samples = [s for s in samples if "error" not in s]
     empty = not samples
@@ -986,1073 +858,3 @@ def collate(samples: list[dict], pad_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "roles": roles,
             "pixel_values": torch.cat(pv) if pv else None, "image_grid_thw": torch.cat(grid) if grid else None,
             "index": [] if empty else [s.get("index") for s in samples], "skipped": skipped, "empty": empty}
-
-
-log = logging.getLogger("synthesis")
-
-
-# --------------------------------------------------------------------------------------------
-# The toy visual-reasoning world
-# --------------------------------------------------------------------------------------------
-
-TOY_BACKGROUND = (255, 255, 255)
-# Well separated, exact colours (drawn without antialiasing, so a pixel is one of these or white).
-TOY_COLORS = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 50),
-    "blue": (30, 70, 220),
-    "yellow": (240, 200, 20),
-    "purple": (140, 50, 180),
-}
-TOY_SHAPES = ("circle", "square", "triangle")
-TOY_CELL = 28  # one merged vision token covers 28x28 pixels (14 px patches, 2x2 merge)
-TOY_MAX_COUNT = 4
-MC_INSTRUCTION = "Answer with the option letter."
-
-# family -> (answer_type, the answers an open question can have; None for multiple choice)
-TOY_FAMILIES = {
-    "color": ("text", tuple(TOY_COLORS)),
-    "shape": ("multi_choice", None),
-    "count": ("integer", tuple(str(k) for k in range(1, TOY_MAX_COUNT + 1))),
-    "side": ("text", ("left", "right")),
-    "bars": ("multi_choice", None),
-}
-
-
-def option_letter(i):
-    return chr(ord("A") + i)
-
-
-def format_question(question, options=None, instruction=MC_INSTRUCTION):
-    """The prompt text: the question, then for multiple choice one "A. text" line per option and
-    the instruction. Options already written into the question (a line starting "A.") are not
-    repeated."""
-    question = question.strip()
-    if not options:
-        return question
-    if re.search(r"(?m)^\s*\(?A[.):]\s", question):
-        return question if instruction in question else f"{question}\n{instruction}"
-    lines = [f"{option_letter(i)}. {opt}" for i, opt in enumerate(options)]
-    return "\n".join([question, *lines, instruction])
-
-
-def _draw_shape(draw, kind, cx, cy, r, rgb):
-    """A shape of 'radius' r centred at (cx, cy): its bounding box is [cx-r, cx+r] x [cy-r, cy+r]."""
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if kind == "circle":
-        draw.ellipse(box, fill=rgb)
-    elif kind == "square":
-        draw.rectangle(box, fill=rgb)
-    elif kind == "triangle":  # pointing up; (cx, cy) lies inside it (width r at mid height)
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=rgb)
-    else:
-        raise ValueError(f"unknown shape {kind!r}")
-
-
-def _shape(kind, color, cx, cy, r):
-    return {"kind": kind, "color": color, "rgb": list(TOY_COLORS[color]), "cx": cx, "cy": cy, "r": r}
-
-
-def _a(shape):
-    return f"a {shape['color']} {shape['kind']}"
-
-
-def _response(seen, check, answer):
-    return f"<think>I see {seen}. Looking at the image again, {check}.</think><answer>{answer}</answer>"
-
-
-def make_toy_problem(rng, family, image_size=56):
-    """One problem of a family, a pure function of the state of `rng` (a random.Random).
-
-    Returns (image, question, answer, options, answer_type, facts): the question text already
-    holds the options and the instruction for multiple choice; the answer is the option letter
-    for multiple choice, else a word or a digit; facts describe the drawing exactly (shape centres,
-    radii, colours, bar boxes) plus "family", "stem" (the question without options) and
-    "response" (the SFT response for this problem).
-    """
-    if family not in TOY_FAMILIES:
-        raise ValueError(f"unknown toy family {family!r}; known: {sorted(TOY_FAMILIES)}")
-    size = image_size
-    if size % TOY_CELL or size < 2 * TOY_CELL:
-        raise ValueError(f"image_size must be a multiple of {TOY_CELL} and at least {2 * TOY_CELL}")
-    image = Image.new("RGB", (size, size), TOY_BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    colors = list(TOY_COLORS)
-    answer_type = TOY_FAMILIES[family][0]
-    options = []
-    facts = {"family": family, "size": size}
-
-    if family in ("color", "shape"):
-        r = rng.randint(size // 4, size // 3)  # large: the colour must dominate its image tokens
-        s = _shape(rng.choice(TOY_SHAPES), rng.choice(colors),
-                   rng.randint(r + 1, size - r - 2), rng.randint(r + 1, size - r - 2), r)
-        facts["shapes"] = [s]
-        if family == "color":
-            stem, answer = "What color is the shape?", s["color"]
-            response = _response(_a(s), f"the {s['kind']} is {s['color']}", answer)
-        else:
-            options = list(TOY_SHAPES)
-            rng.shuffle(options)
-            answer = option_letter(options.index(s["kind"]))
-            stem = "What shape is shown?"
-            response = _response(_a(s), f"it is a {s['kind']}, option {answer}", answer)
-
-    elif family == "count":
-        n = size // TOY_CELL
-        k = rng.randint(1, TOY_MAX_COUNT)
-        cells = sorted(rng.sample(range(n * n), k))  # reading order: row by row
-        shapes = []
-        for cell in cells:  # one shape inside each chosen 28x28 cell, so shapes never touch
-            r = rng.randint(7, 11)
-            x0, y0 = (cell % n) * TOY_CELL, (cell // n) * TOY_CELL
-            shapes.append(_shape(rng.choice(TOY_SHAPES), rng.choice(colors),
-                                 x0 + rng.randint(r + 1, TOY_CELL - r - 2),
-                                 y0 + rng.randint(r + 1, TOY_CELL - r - 2), r))
-        facts["shapes"], facts["count"] = shapes, k
-        names = [_a(s) for s in shapes]
-        seen = names[0] if k == 1 else f"{k} shapes: " + ", ".join(names)
-        stem, answer = "How many shapes are there?", str(k)
-        response = _response(seen, f"I count {k}", answer)
-
-    elif family == "side":
-        half = size // 2
-        r = rng.randint(6, min(size // 5, half // 2 - 2))
-        side = rng.choice(["left", "right"])
-        lo = r + 1 if side == "left" else half + r + 1  # the whole circle inside its half
-        cx = rng.randint(lo, lo + half - 2 * r - 3)
-        s = _shape("circle", rng.choice(colors), cx, rng.randint(r + 1, size - r - 2), r)
-        facts["shapes"], facts["side"] = [s], side
-        stem, answer = "Is the circle on the left or right?", side
-        response = _response(f"a {s['color']} circle on the {side}", f"the circle is on the {side}", side)
-
-    else:  # bars
-        half, bottom = size // 2, size - 3
-        gap = max(4, size // 7)
-        h1 = rng.randint(size // 6, size - 6)
-        h2 = rng.choice([h for h in range(size // 6, size - 5) if abs(h - h1) >= gap])
-        bars = []
-        for side, h, lo in (("left", h1, 2), ("right", h2, half + 2)):
-            w = rng.randint(size // 8, size // 5)
-            x0 = rng.randint(lo, lo + half - w - 4)
-            color = rng.choice(colors)
-            bars.append({"side": side, "color": color, "rgb": list(TOY_COLORS[color]),
-                         "x0": x0, "x1": x0 + w - 1, "top": bottom - h + 1, "bottom": bottom})
-            draw.rectangle((x0, bottom - h + 1, x0 + w - 1, bottom), fill=TOY_COLORS[color])
-        taller = "left" if h1 > h2 else "right"
-        facts["bars"], facts["taller"] = bars, taller
-        options = ["left", "right"]
-        rng.shuffle(options)
-        answer = option_letter(options.index(taller))
-        stem = "Which bar is taller?"
-        response = _response(f"a {bars[0]['color']} bar on the left and a {bars[1]['color']} bar on the right",
-                             f"the {taller} bar is taller, option {answer}", answer)
-
-    for s in facts.get("shapes", []):
-        _draw_shape(draw, s["kind"], s["cx"], s["cy"], s["r"], tuple(s["rgb"]))
-    facts["stem"], facts["response"] = stem, response
-    return image, format_question(stem, options), answer, options, answer_type, facts
-
-
-def toy_chance(family, options=None):
-    """Accuracy of a uniform random guess: 1/len(options) for multiple choice, else 1 over the
-    number of answers the family's open question can have."""
-    if options:
-        return 1.0 / len(options)
-    return 1.0 / len(TOY_FAMILIES[family][1])
-
-
-def _where(s, size):
-    """Where a shape's centre lies: "top left", "bottom right", ..."""
-    return f"{'top' if s['cy'] < size / 2 else 'bottom'} {'left' if s['cx'] < size / 2 else 'right'}"
-
-
-def toy_caption(facts):
-    """A one-line description of a drawing from its facts: what, how many, where, which bar is taller."""
-    size = facts["size"]
-    if "bars" in facts:
-        left, right = facts["bars"]
-        return (f"Two bars: a {left['color']} bar on the left and a {right['color']} bar on the right. "
-                f"The {facts['taller']} bar is taller.")
-    shapes = facts["shapes"]
-    if facts["family"] == "side":
-        return f"A {shapes[0]['color']} circle on the {facts['side']}."
-    names = [f"{_a(s)} in the {_where(s, size)}" for s in shapes]
-    if len(names) == 1:
-        return names[0][0].upper() + names[0][1:] + "."
-    return f"{len(names)} shapes: " + ", ".join(names) + "."
-
-
-CAPTION_QUESTION = "Describe the image."
-
-
-def toy_pretrain_record(problem, caption):
-    """A perception record of the base model's pretraining, for one toy problem: the caption
-    (CAPTION_QUESTION -> toy_caption) or the problem's question, in the prompt evaluate.py builds,
-    answered at once without reasoning ("<answer>X</answer>"), as an instruction-tuned model
-    answers before cold-start teaches it to reason first."""
-    from evaluate import build_prompt
-
-    _, _, answer, options, answer_type, facts = problem
-    if caption:
-        return {"question": CAPTION_QUESTION, "response": toy_caption(facts)}
-    prompt = build_prompt({"question": facts["stem"], "options": options, "answer_type": answer_type})
-    return {"question": prompt, "response": f"<answer>{answer}</answer>"}
-
-
-def _toy_rng(seed, split, i, attempt=0):
-    # A string seed goes through sha512 in random.seed: stable across runs and PYTHONHASHSEED,
-    # and the split name keeps the seeds of sft, rl and eval disjoint.
-    return random.Random(f"toy/{seed}/{split}/{i}/{attempt}")
-
-
-def _problem_key(image, question):
-    return hashlib.sha1(image.tobytes() + b"\0" + question.encode()).hexdigest()
-
-
-def write_toy_world(out_dir, n_train=2000, n_eval=200, seed=0, image_size=56, n_rl=None,
-                    families=None, n_pretrain=None, anchored=True):
-    """Write the toy world under out_dir:
-        images/<id>.png
-        sft.jsonl            {"id", "images": ["images/<id>.png"], "question", "response", "answer"}
-        sft_text_only.jsonl  the same records with "images": [] (text-only cold-start)
-        rl.jsonl             {"id", "images", "question", "answer", "options", "answer_type"}
-        eval.jsonl           {"id", "images", "question", "options", "answer", "answer_type"}
-        pretrain.jsonl       perception records of the base model's pretraining (toy_pretrain_record):
-                             half captions, half direct answers, on problems of their own
-        sft_raw.jsonl        the sft problems as raw problems (the synthesis input form)
-        sft_anchored.jsonl   visual-anchored records: `synthesize` over sft_raw.jsonl with ToyTeacher
-        toy_world.json       these counts and the chance accuracy
-    n_train problems for sft, n_rl (default n_train) for rl, n_pretrain (default 1.5 * n_train) for
-    pretraining, n_eval held out; families are assigned round robin. Image paths are relative to
-    out_dir. Returns the counts, the chance accuracy of eval.jsonl (overall and per family) and how
-    many eval problems were redrawn because they also occur in the training splits (pretraining
-    included). anchored=False skips the synthesis.
-    """
-    families = list(families or TOY_FAMILIES)
-    n_rl = n_train if n_rl is None else n_rl
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    train_keys = set()
-    summary = {"image_size": image_size, "seed": seed, "families": families}
-
-    def build(split, n, avoid=None):
-        rows, redrawn = [], 0
-        for i in range(n):
-            family = families[i % len(families)]
-            for attempt in range(1000):
-                problem = make_toy_problem(_toy_rng(seed, split, i, attempt), family, image_size)
-                key = _problem_key(problem[0], problem[1])
-                if avoid is None or key not in avoid:
-                    break
-                redrawn += 1
-            else:
-                raise RuntimeError(f"could not draw a {family} problem unseen in training")
-            if avoid is None:
-                train_keys.add(key)
-            rid = f"toy-{split}-{i:05d}"
-            rel = f"images/{rid}.png"
-            problem[0].save(os.path.join(out_dir, rel))
-            rows.append((rid, rel, family, problem))
-        return rows, redrawn
-
-    def dump(name, records):
-        with open(os.path.join(out_dir, name), "w") as f:
-            for rec in records:
-                f.write(json.dumps(rec) + "\n")
-
-    n_pretrain = 3 * n_train // 2 if n_pretrain is None else n_pretrain
-    sft, _ = build("sft", n_train)
-    rl, _ = build("rl", n_rl)
-    pre, _ = build("pretrain", n_pretrain)
-    ev, redrawn = build("eval", n_eval, avoid=train_keys)
-
-    # The SFT question is the whole user turn exactly as evaluate.build_prompt renders it for
-    # rl.jsonl and eval.jsonl (question stem, option lines, answer instruction): the model is
-    # trained and evaluated on one prompt format.
-    from evaluate import build_prompt
-
-    def stem(p):
-        return {"question": p[5]["stem"], "options": p[3], "answer_type": p[4]}
-
-    sft_records = [{"id": rid, "images": [rel], "question": build_prompt(stem(p)), "response": p[5]["response"],
-                    "answer": p[2]} for rid, rel, _, p in sft]
-    dump("sft.jsonl", sft_records)
-    dump("sft_text_only.jsonl", [{**r, "images": []} for r in sft_records])
-    dump("rl.jsonl", [{"id": rid, "images": [rel], "answer": p[2], **stem(p)} for rid, rel, _, p in rl])
-    dump("eval.jsonl", [{"id": rid, "images": [rel], "answer": p[2], **stem(p)} for rid, rel, _, p in ev])
-    dump("pretrain.jsonl", [{"id": rid, "images": [rel], **toy_pretrain_record(p, caption=i % 2 == 0)}
-                            for i, (rid, rel, _, p) in enumerate(pre)])
-    dump("sft_raw.jsonl", [{"id": rid, "images": [rel], "answer": p[2], **stem(p)} for rid, rel, _, p in sft])
-
-    per_family = {}
-    for _, _, family, (_, _, _, o, _, _) in ev:
-        per_family.setdefault(family, []).append(toy_chance(family, o))
-    chances = [c for cs in per_family.values() for c in cs]
-    summary.update({
-        "sft": len(sft), "sft_text_only": len(sft), "rl": len(rl), "eval": len(ev), "pretrain": len(pre),
-        "eval_redrawn": redrawn,
-        "chance": round(sum(chances) / len(chances), 6) if chances else 0.0,
-        "chance_by_family": {f: round(sum(cs) / len(cs), 6) for f, cs in per_family.items()},
-    })
-    if anchored:
-        for name in ("sft_anchored.jsonl", "sft_anchored.jsonl.filtered"):  # synthesize appends: start afresh
-            if os.path.exists(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
-        teacher = ToyTeacher(p for _, _, _, p in sft)
-        counts = synthesize(os.path.join(out_dir, "sft_raw.jsonl"), os.path.join(out_dir, "sft_anchored.jsonl"), teacher)
-        summary["sft_anchored"] = counts["done"]
-    with open(os.path.join(out_dir, "toy_world.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
-
-
-TOY_MODEL = dict(  # a Qwen2.5-VL of a few hundred thousand parameters: every script runs on a CPU
-    text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, mrope_section=[4, 6, 6]),
-    vision=dict(depth=2, hidden_size=64, num_heads=2, intermediate_size=128, fullatt_block_indexes=[1],
-                window_size=112, out_hidden_size=128),
-    min_pixels=56 * 56, max_pixels=112 * 112,
-)
-
-
-def toy_corpus(toy_dir):
-    """The texts a toy tokenizer learns its merges from: the chat template's words, the default
-    system prompt and the questions and responses of the SFT, pretraining and anchored records."""
-    texts = ["system\n", "user\n", "assistant\n", DEFAULT_SYSTEM]
-    for name in ("sft.jsonl", "pretrain.jsonl", "sft_anchored.jsonl"):
-        if not os.path.exists(os.path.join(toy_dir, name)):
-            continue
-        with open(os.path.join(toy_dir, name)) as f:
-            for line in f:
-                r = json.loads(line)
-                texts += [r["question"], r["response"]]
-    return texts
-
-
-def make_toy_model(out_dir, seed=0, corpus=None):
-    """A randomly initialised tiny Qwen2.5-VL folder in the hub layout (config.json,
-    model.safetensors, tokenizer.json, preprocessor_config.json). Its tokenizer is a byte-level
-    BPE with merges learned from `corpus` (toy_corpus: ~170 merges, whole words, records ~3x
-    shorter than bytes) followed by Qwen's special tokens; the vocabulary is padded to a multiple
-    of 16 as Qwen pads its own. Every script loads it exactly as it loads Qwen2.5-VL-7B."""
-    from model import Config, Qwen2_5_VL, VisionConfig, init_weights, save_pretrained
-
-    tok = byte_level_bpe(corpus)
-    special = {name: tok.token_to_id(name) for name in QWEN_SPECIAL_TOKENS}
-    vocab_size = -(-tok.get_vocab_size(with_added_tokens=True) // 16) * 16
-    cfg = Config(**TOY_MODEL["text"], vocab_size=vocab_size, tie_word_embeddings=False, max_position_embeddings=4096,
-                 image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
-                 vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"],
-                 bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"],
-                 vision=VisionConfig(**TOY_MODEL["vision"]))
-    save_pretrained(init_weights(Qwen2_5_VL(cfg), seed=seed), out_dir)  # (re)creates the folder
-    save_tokenizer(tok, out_dir)
-    assert Tokenizer(out_dir).image_pad_id == cfg.image_token_id
-    ImageProcessor(min_pixels=TOY_MODEL["min_pixels"], max_pixels=TOY_MODEL["max_pixels"]).save(out_dir)
-    return out_dir
-
-
-# The base model's pretraining: 3000 records x 6 epochs = 1122 steps, LM loss 6.1 -> ~0.24, ~2 minutes on
-# 2 CPU cores. At lr 1e-3 (4 epochs) the loss stalls at ~0.45 and colour questions stay at 30%.
-TOY_PRETRAIN = dict(epochs=6, lr=5e-4, batch_size=16)
-
-
-def pretrain_toy_model(toy_dir, init_dir, out_dir, seed=0, epochs=TOY_PRETRAIN["epochs"], lr=TOY_PRETRAIN["lr"],
-                       batch_size=TOY_PRETRAIN["batch_size"]):
-    """The toy base model: train_sft.py's LM loss (no attention terms) on toy_dir/pretrain.jsonl
-    from the random model in init_dir; the last checkpoint's hub files go to out_dir, with
-    pretrain.json (these settings and the final LM loss). The run itself stays in out_dir + ".run".
-    Like a real base model it reads images before any cold-start, and it grows the attention sink
-    on the system turn that VAS divides by (the README measures it)."""
-    import shutil
-
-    import train_sft
-
-    run_dir = os.path.abspath(out_dir) + ".run"
-    result = train_sft.main(["--data", os.path.join(toy_dir, "pretrain.jsonl"), "--model", init_dir,
-                             "--out", run_dir, "--epochs", str(epochs), "--lr", str(lr),
-                             "--batch-size", str(batch_size), "--micro-batch", "8", "--seed", str(seed),
-                             "--agto-alpha", "0", "--agto-beta", "0", "--save-every", "0", "--num-workers", "0"])
-    ckpt = result["checkpoint"]
-    tmp = os.path.abspath(out_dir) + ".partial"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    for name in os.listdir(ckpt):
-        if name not in ("train_state.pt", "run_config.json"):
-            shutil.copy2(os.path.join(ckpt, name), os.path.join(tmp, name))
-    info = dict(settings=toy_pretrain_settings(toy_dir, seed, epochs, lr, batch_size),
-                final_lm_loss=result["metrics"][-1]["lm_loss"], steps=len(result["metrics"]))
-    with open(os.path.join(tmp, "pretrain.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return info
-
-
-def toy_pretrain_settings(toy_dir, seed, epochs, lr, batch_size):
-    """What a cached base model was made from: the world's summary and the pretraining settings."""
-    with open(os.path.join(toy_dir, "toy_world.json")) as f:
-        world = json.load(f)
-    return dict(world=world, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size)
-
-
-def cached_base(out_dir, settings) -> bool:
-    """True when out_dir holds a base model pretrained with exactly these settings."""
-    try:
-        with open(os.path.join(out_dir, "pretrain.json")) as f:
-            return json.load(f)["settings"] == settings
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-# --------------------------------------------------------------------------------------------
-# Visual-anchored data synthesis (AVAR section 4a)
-# --------------------------------------------------------------------------------------------
-
-# Stage 1: a strong VLM describes the image(s). Filled with {question}. Images attached.
-DESCRIBE_PROMPT = """\
-Describe the image for a reader who cannot see it and must solve the question below from your description alone. Do not solve the question.
-Write a structured visual description in four parts:
-1. Global scan: what kind of image it is (diagram, chart, table, geometry figure, photo, ...), its overall layout, and any title, axes, legend or caption.
-2. Element decomposition: every element that matters for the question, one per line, with its labels, numbers, colours, positions and sizes; copy any text in the image exactly.
-3. Linking: how the elements relate: which label belongs to which part, connections, intersections, parallel or perpendicular lines, equal marks, order, what the axes measure.
-4. Synthesis: a short summary of the visual facts the question depends on.
-Report only what is visible; write "unclear" rather than guess.
-
-Question:
-{question}"""
-
-# Stage 2: a reasoning LLM solves from the description. Filled with {description}, {question},
-# {answer_format}. No images.
-REASON_PROMPT = """\
-Solve the problem below. You cannot see the image: rely on the visual description, written by someone who could.
-Reason step by step. When you reach an answer, reflect: re-check every step and every visual fact you used against the description, look for a mistake or another reading of the figure, and correct yourself if needed. Repeat until the answer holds up; reflect at least once.
-End with the final answer alone inside <answer></answer>: {answer_format}
-
-Visual description:
-{description}
-
-Question:
-{question}"""
-
-# Stage 3: a third model anchors the reasoning in the image. Filled with {description},
-# {question}, {reasoning}. Images attached.
-ANCHOR_PROMPT = """\
-Rewrite the reasoning below so that it reads as the work of a solver who looks at the image itself.
-- Wherever the reasoning uses a visual fact, insert a short visual anchor that goes back to the image, such as "Looking back at the triangle, ...", "Let me check the image again: ...", "In the figure, the bar for 2019 reaches ...". Anchor the self-checks as well.
-- Never mention a description; the solver sees the image.
-- Keep every step, calculation and reflection, and keep the final answer exactly as it is. Add no new steps.
-Output exactly: <think>the rewritten reasoning</think><answer>the same final answer</answer>
-
-Visual description:
-{description}
-
-Question:
-{question}
-
-Reasoning:
-{reasoning}"""
-
-ANSWER_FORMAT_MC = "the option letter only."
-ANSWER_FORMAT_OPEN = "a number, word or short expression only, without units."
-
-STAGES = ("describe", "reason", "anchor")
-
-
-class TeacherError(RuntimeError):
-    """A teacher call failed for good (retries spent, or a request the server refuses)."""
-
-
-class Teacher:
-    """The teacher protocol (documentation; any object with this `chat` method will do).
-
-    chat(messages, images) -> str
-        messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]
-        images:   PIL images that belong to the last user message, shown before its text.
-        Returns the assistant's reply text. Raises on failure (after its own retries, if any).
-    """
-
-    def chat(self, messages, images=()):
-        raise NotImplementedError
-
-
-class LocalTeacher(Teacher):
-    """A teacher run by this project: a local Hugging Face folder loaded with model.from_pretrained
-    and decoded with its own KV-cache generation (greedy unless temperature > 0)."""
-
-    def __init__(self, path, device="cpu", dtype=None, max_new_tokens=1024, temperature=0.0, top_p=1.0, seed=0,
-                 max_pixels=None):
-        import torch
-        from model import from_pretrained
-
-        dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-        self.model = from_pretrained(path, dtype=dtype, device=device).eval()
-        self.tok = Tokenizer(path)
-        self.proc = ImageProcessor.from_pretrained(path, max_pixels=max_pixels)
-        self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                       stop_ids=self.tok.stop_ids, pad_id=self.tok.pad_id, vocab_limit=self.tok.vocab_size)
-
-    def chat(self, messages, images=()):
-        images = list(images)
-        msgs = [dict(m) for m in messages]
-        if images:  # the images belong to the last user message, before its text
-            last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
-            msgs[last]["content"] = [{"type": "image"}] * len(images) + [{"type": "text", "text": msgs[last]["content"]}]
-        pixel_values, grid = self.proc(images) if images else (None, None)
-        n_tokens = [int(g.prod()) // self.proc.merge ** 2 for g in grid] if images else []
-        ids = encode_chat(self.tok, msgs, n_tokens, add_generation_prompt=True)["input_ids"]
-        device = self.model.lm_head.weight.device
-        if pixel_values is not None:
-            pixel_values, grid = pixel_values.to(device), grid.to(device)
-        out, lengths = self.model.generate([ids], pixel_values, grid, **self.kw)
-        return self.tok.decode(out[0, :int(lengths[0])])
-
-
-class ToyTeacher(Teacher):
-    """The toy world's teacher for the three synthesis stages: it sees exactly (it is handed the
-    facts of every drawing it may be shown, found by the image's pixels) and writes what the
-    paper's three models write, in the toy's words:
-        describe  a four-part description (global scan, elements, linking, synthesis);
-        reason    from the description alone: the answer, one self-check, <answer>X</answer>;
-        anchor    <think>Looking at the image, ... Let me check the image again: ...</think><answer>X</answer>.
-    It answers from the facts and the question's option lines, never from a stored answer, so
-    `synthesize` grades it like any teacher. A stand-in for a strong VLM: perfect perception."""
-
-    def __init__(self, problems):
-        self.facts = {}
-        for image, *_, facts in problems:
-            self.facts[hashlib.sha1(image.convert("RGB").tobytes()).hexdigest()] = facts
-        self.by_description = {}
-
-    @staticmethod
-    def _options(question):
-        return dict(re.findall(r"(?m)^([A-Z])\. (.+)$", question))
-
-    @staticmethod
-    def _solve(facts, question):
-        """(answer, the step that gives it, the re-check) for what the question asks. The family
-        comes from the question (two families can draw the same pixels), the answer from the
-        drawing."""
-        stem = question.split("\n")[0].strip()
-        family = {"What color is the shape?": "color", "What shape is shown?": "shape",
-                  "How many shapes are there?": "count", "Is the circle on the left or right?": "side",
-                  "Which bar is taller?": "bars"}.get(stem)
-        if family is None:
-            raise TeacherError(f"ToyTeacher: not a toy question: {stem!r}")
-        letter = {v.strip(): k for k, v in ToyTeacher._options(question).items()}
-        if family in ("color", "shape"):
-            s = facts["shapes"][0]
-            if family == "color":
-                return s["color"], f"the shape is {s['color']}", f"the {s['kind']} is {s['color']}"
-            return (letter[s["kind"]], f"it is a {s['kind']}, option {letter[s['kind']]}",
-                    f"the shape is a {s['kind']}")
-        if family == "count":
-            k = len(facts["shapes"])
-            return str(k), f"I count {k}", f"there are {k} separate shapes"
-        if family == "side":
-            side = "left" if facts["shapes"][0]["cx"] < facts["size"] / 2 else "right"
-            return side, f"the circle is in the {side} half", f"the circle is on the {side}"
-        t = facts["taller"]
-        return letter[t], f"the {t} bar is taller, option {letter[t]}", f"the {t} bar reaches higher"
-
-    def _describe(self, facts):
-        size = facts["size"]
-        if "bars" in facts:
-            elements = [f"- a {b['color']} bar on the {b['side']}, {b['bottom'] - b['top'] + 1} px tall"
-                        for b in facts["bars"]]
-            linking = "both bars stand on the same baseline"
-        else:
-            elements = [f"- {_a(s)} in the {_where(s, size)}" for s in facts["shapes"]]
-            linking = (f"{len(elements)} separate shapes, none touching" if len(elements) > 1
-                       else "a single shape")
-        return "\n".join([f"1. Global scan: a {size}x{size} drawing of flat shapes on a white background.",
-                          "2. Element decomposition:", *elements, f"3. Linking: {linking}.",
-                          f"4. Synthesis: {toy_caption(facts)}"])
-
-    def chat(self, messages, images=()):
-        prompt = messages[-1]["content"]
-        question = prompt.rsplit("Question:\n", 1)[-1].split("\n\nReasoning:")[0]
-        if prompt.startswith(DESCRIBE_PROMPT.split("\n")[0]):
-            key = hashlib.sha1(images[0].convert("RGB").tobytes()).hexdigest()
-            if key not in self.facts:
-                raise TeacherError("ToyTeacher: an image it was not given the facts of")
-            text = self._describe(self.facts[key])
-            self.by_description[text] = self.facts[key]
-            return text
-        description = prompt.split("Visual description:\n", 1)[1].split("\n\nQuestion:", 1)[0]
-        facts = self.by_description[description]
-        answer, step, check = self._solve(facts, question)
-        if prompt.startswith(REASON_PROMPT.split("\n")[0]):
-            return (f"The description shows: {toy_caption(facts)} So {step}. Let me re-check against the "
-                    f"description: {check}. The answer holds.\n<answer>{answer}</answer>")
-        seen = toy_caption(facts).rstrip(".")
-        return (f"<think>Looking at the image, I see {seen[0].lower() + seen[1:]}. So {step}. "
-                f"Let me check the image again: {check}.</think><answer>{answer}</answer>")
-
-
-class _Malformed(Exception):
-    pass
-
-
-def image_data_url(image):
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-class OpenAITeacher(Teacher):
-    """A teacher behind an OpenAI-compatible API: POST {base_url}/chat/completions.
-
-    Timeouts, connection errors, HTTP 429 and 5xx, and malformed JSON replies are retried up to
-    max_retries times with exponential backoff (backoff * 2**attempt seconds, or the server's
-    Retry-After on a 429 when given); another 4xx is a TeacherError at once. When the reply has a
-    separate reasoning field (reasoning models served by vLLM/SGLang) and include_reasoning is
-    true, the reasoning is returned too, as "<think>reasoning</think>\\ncontent".
-    `stats` counts requests, retries and failures (thread-safe).
-    """
-
-    def __init__(self, base_url, model, api_key=None, timeout=60, max_retries=4, backoff=1.0,
-                 temperature=0.7, max_tokens=4096, include_reasoning=True, extra_body=None):
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key = model, api_key
-        self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
-        self.temperature, self.max_tokens = temperature, max_tokens
-        self.include_reasoning, self.extra_body = include_reasoning, dict(extra_body or {})
-        self.stats = {"requests": 0, "retries": 0, "failures": 0}
-        self._lock = threading.Lock()
-
-    def _count(self, key):
-        with self._lock:
-            self.stats[key] += 1
-
-    def _payload(self, messages, images):
-        messages = [dict(m) for m in messages]
-        if images:
-            last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-            if last_user is None:
-                raise ValueError("images need a user message to attach to")
-            m = messages[last_user]
-            m["content"] = ([{"type": "image_url", "image_url": {"url": image_data_url(im)}} for im in images]
-                            + [{"type": "text", "text": m["content"]}])
-        payload = {"model": self.model, "messages": messages,
-                   "temperature": self.temperature, "max_tokens": self.max_tokens}
-        payload.update(self.extra_body)
-        return json.dumps(payload).encode()
-
-    def _parse(self, body):
-        try:
-            message = json.loads(body)["choices"][0]["message"]
-            content = message.get("content")
-            if isinstance(content, list):  # content parts
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            reasoning = message.get("reasoning_content") or message.get("reasoning")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-            raise _Malformed(f"malformed reply ({type(e).__name__}: {e}): {body[:200]!r}")
-        if not isinstance(content, str):
-            raise _Malformed(f"reply without text content: {body[:200]!r}")
-        if self.include_reasoning and isinstance(reasoning, str) and reasoning.strip():
-            return f"<think>{reasoning.strip()}</think>\n{content}"
-        return content
-
-    def chat(self, messages, images=()):
-        data = self._payload(messages, images)
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        last = None
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self._count("retries")
-            self._count("requests")
-            wait = self.backoff * 2 ** attempt
-            try:
-                req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    body = resp.read()
-                return self._parse(body)
-            except urllib.error.HTTPError as e:  # before URLError/OSError: it subclasses both
-                detail = e.read()[:300] if e.fp is not None else b""
-                if e.code != 429 and e.code < 500:
-                    self._count("failures")
-                    raise TeacherError(f"HTTP {e.code} from {self.url}: {detail!r}") from None
-                last = f"HTTP {e.code}: {detail!r}"
-                retry_after = e.headers.get("Retry-After") if e.headers else None
-                if e.code == 429 and retry_after:
-                    try:
-                        wait = min(float(retry_after), 60.0)
-                    except ValueError:
-                        pass
-            except _Malformed as e:
-                last = str(e)
-            except (TimeoutError, socket.timeout, urllib.error.URLError, http.client.HTTPException,
-                    ConnectionError, OSError) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            if attempt < self.max_retries:
-                log.debug("teacher retry %d after %s (sleep %.2fs)", attempt + 1, last, wait)
-                time.sleep(wait)
-        self._count("failures")
-        raise TeacherError(f"{self.url}: gave up after {self.max_retries + 1} attempts; last error: {last}")
-
-
-# ---- reading and checking jsonl ---------------------------------------------------------------
-
-def read_raw_problems(path):
-    """Parse and check the raw problems: [(line_no, record, [absolute image paths])].
-    A bad JSON line, a missing field, a duplicate id or a missing image file is a ValueError
-    naming the file and line, raised before any teacher is called."""
-    base = os.path.dirname(os.path.abspath(path))
-    out, seen = [], {}
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: input file does not exist")
-    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is an error of that line
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: bad JSON: {e}") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object")
-            if "images" not in rec and "image" in rec:
-                rec["images"] = rec.pop("image")
-            for key in ("id", "question", "answer", "images"):
-                if rec.get(key) is None:
-                    raise DataError(f"{path}:{line_no}: missing field {key!r}")
-            rid = str(rec["id"])
-            if rid in seen:
-                raise DataError(f"{path}:{line_no}: duplicate id {rid!r} (first on line {seen[rid]})")
-            seen[rid] = line_no
-            images = rec["images"]
-            if isinstance(images, str):
-                images = rec["images"] = [images]
-            if not images:
-                raise DataError(f"{path}:{line_no}: record {rid!r} has no image (synthesis anchors in images)")
-            paths = []
-            for p in images:
-                full = p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
-                if not os.path.isfile(full):
-                    raise DataError(f"{path}:{line_no}: image file not found: {p!r} (looked at {full})")
-                paths.append(full)
-            out.append((line_no, rec, paths))
-    return out
-
-
-def _read_done(out_path):
-    """Ids already in out_path. A last line cut short by a killed run is removed (it is redone);
-    a bad line elsewhere is a ValueError naming the file and line."""
-    done = set()
-    if not os.path.exists(out_path):
-        return done
-    with open(out_path, "rb") as f:
-        data = f.read()
-    lines = data.split(b"\n")
-    keep = len(data)
-    for i, raw in enumerate(lines):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-            done.add(str(rec["id"]))
-        except (ValueError, KeyError, TypeError) as e:
-            is_last = i == len(lines) - 1  # no newline after it: the write was interrupted
-            if not is_last:
-                raise ValueError(f"{out_path}:{i + 1}: bad record ({e}); fix or remove the line") from None
-            keep = len(data) - len(raw)
-            log.warning("%s: dropping an incomplete last line (interrupted write); it is redone", out_path)
-    if keep < len(data) or (data and not data.endswith(b"\n")):
-        with open(out_path, "r+b") as f:
-            f.truncate(keep)
-            if keep and data[keep - 1:keep] != b"\n":
-                f.seek(keep)
-                f.write(b"\n")
-    return done
-
-
-def _read_ids(path):
-    ids = set()
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    ids.add(str(json.loads(line)["id"]))
-                except (ValueError, KeyError, TypeError):
-                    pass  # a side log: a cut line only means that record is tried again
-    return ids
-
-
-# ---- one record through the three stages ------------------------------------------------------
-
-_RESPONSE_RE = re.compile(r"^<think>(.*?)</think>\s*<answer>(.*?)</answer>$", re.S)
-
-
-def normalize_response(text):
-    """Stage 3 output -> "<think>...</think><answer>...</answer>", or None when unusable.
-    Tolerates code fences, text after </answer>, a missing <think> tag pair, and answer tags
-    quoted inside the reasoning (their text is kept); the result passes grading.format_ok."""
-    text = re.sub(r"^```[a-z]*\s*|\s*```$", "", text.strip()).strip()
-    end = text.rfind("</answer>")
-    if end < 0:
-        return None
-    text = text[:end + len("</answer>")]
-    if "<think>" not in text:
-        start = text.rfind("<answer>")
-        text = f"<think>{text[:start].replace('</think>', '').strip()}</think>{text[start:]}"
-    m = _RESPONSE_RE.match(text)
-    if not m:
-        return None
-    # an answer tag quoted inside the reasoning would make a second answer: keep only its text
-    think = re.sub(r"</?answer>", "", m.group(1)).strip()
-    answer = m.group(2).strip()
-    if not think or not answer or re.search(r"</?(?:think|answer)>", think + answer):
-        return None
-    return f"<think>{think}</think><answer>{answer}</answer>"
-
-
-class _Filtered(Exception):
-    def __init__(self, reason, **info):
-        super().__init__(reason)
-        self.reason, self.info = reason, info
-
-
-def _synthesize_one(rec, image_paths, teachers, question):
-    """Run the three stages on one record. Returns the response; raises _Filtered (wrong answer
-    or unusable output) or TeacherError/other errors (failed)."""
-    from grading import extract_answer, grade
-
-    gold, options = str(rec["answer"]), rec.get("options") or None
-
-    def right(pred):
-        try:
-            return grade(pred, gold, options, rec.get("answer_type"))
-        except ValueError:  # an answer_type the grader does not know (e.g. "free_form"): infer it
-            return grade(pred, gold, options, None)
-
-    images = []
-    for p in image_paths:
-        with Image.open(p) as im:
-            images.append(im.convert("RGB"))
-
-    def call(stage, prompt, imgs):
-        try:
-            return teachers[stage].chat([{"role": "user", "content": prompt}], imgs)
-        except Exception as e:
-            raise TeacherError(f"record {rec['id']!r}: stage {STAGES.index(stage) + 1} ({stage}): {e}") from e
-
-    description = call("describe", DESCRIBE_PROMPT.format(question=question), images).strip()
-    reasoning = call("reason", REASON_PROMPT.format(
-        description=description, question=question,
-        answer_format=ANSWER_FORMAT_MC if options else ANSWER_FORMAT_OPEN), []).strip()
-    pred = extract_answer(reasoning)
-    if not right(pred):  # no point anchoring a wrong chain
-        raise _Filtered("wrong answer at stage 2 (reason)", pred=pred, gold=gold, response=reasoning)
-    anchored = call("anchor", ANCHOR_PROMPT.format(description=description, question=question,
-                                                   reasoning=reasoning), images)
-    response = normalize_response(anchored)
-    if response is None:
-        raise _Filtered("unusable format at stage 3 (anchor)", pred=None, gold=gold, response=anchored)
-    pred = extract_answer(response)
-    if not right(pred):
-        raise _Filtered("wrong answer at stage 3 (anchor)", pred=pred, gold=gold, response=response)
-    return response
-
-
-def synthesize(in_path, out_path, teacher, reason_teacher=None, anchor_teacher=None, workers=1,
-               fail_fast=False, retry_filtered=False, limit=None):
-    """Turn the raw problems of in_path ({"id", "images", "question", "answer", "options"?,
-    "answer_type"?} jsonl, image paths relative to its folder) into cold-start SFT records
-    appended to out_path: {"id", "images" (relative to out_path's folder), "question" (with the
-    options written in), "response", "answer"}.
-
-    teacher does all three stages unless reason_teacher / anchor_teacher are given. Resumable:
-    ids already in out_path are skipped, and so are ids filtered out before (kept with the reason
-    in out_path + ".filtered"; retry_filtered=True tries them again). A record whose teacher calls
-    fail is logged and counted as failed and the run goes on, or with fail_fast=True the error is
-    raised (records finished before it are kept). Records are written in input order, each
-    flushed as soon as it and those before it are finished; `workers` records run at a time.
-    Returns {"total", "done", "skipped", "filtered", "failed", "failed_ids"}.
-    """
-    from grading import extract_answer, grade  # noqa: F401  (fail now, not after the first calls)
-
-    in_path, out_path = os.fspath(in_path), os.fspath(out_path)
-    problems = read_raw_problems(in_path)
-    teachers = {"describe": teacher, "reason": reason_teacher or teacher, "anchor": anchor_teacher or teacher}
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
-    filtered_path = out_path + ".filtered"
-    done_ids = _read_done(out_path)
-    skip_ids = done_ids | (set() if retry_filtered else _read_ids(filtered_path))
-    counts = {"total": len(problems), "done": 0, "skipped": 0, "filtered": 0, "failed": 0, "failed_ids": []}
-    todo = []
-    for _, rec, paths in problems:
-        if str(rec["id"]) in skip_ids:
-            counts["skipped"] += 1
-        elif limit is None or len(todo) < limit:
-            todo.append((rec, paths))
-
-    def rel_images(rec, paths):
-        return [p if os.path.isabs(orig) else os.path.relpath(p, out_dir) for orig, p in zip(rec["images"], paths)]
-
-    from evaluate import build_prompt
-
-    def work(rec, paths):
-        question = format_question(rec["question"], rec.get("options"))
-        try:
-            return "done", question, _synthesize_one(rec, paths, teachers, question)
-        except _Filtered as e:
-            return "filtered", question, e
-        except Exception as e:  # noqa: BLE001  a failed record must not stop the run
-            return "failed", question, e
-
-    t0 = time.time()
-    with open(out_path, "a") as out, open(filtered_path, "a") as side:
-
-        def commit(rec, paths, result):
-            status, question, value = result
-            rid = str(rec["id"])
-            if status == "done":
-                # the record's user turn is the prompt evaluate.py builds for the same problem, so
-                # training and evaluation see one format (the teacher saw the bare question)
-                prompt = build_prompt({"question": rec["question"], "options": rec.get("options"),
-                                       "answer_type": rec.get("answer_type")})
-                out.write(json.dumps({"id": rec["id"], "images": rel_images(rec, paths), "question": prompt,
-                                      "response": value, "answer": str(rec["answer"])}, ensure_ascii=False) + "\n")
-                out.flush()
-            elif status == "filtered":
-                side.write(json.dumps({"id": rec["id"], "reason": value.reason, **value.info},
-                                      ensure_ascii=False) + "\n")
-                side.flush()
-                log.info("filtered %s: %s (pred %r, gold %r)", rid, value.reason,
-                         value.info.get("pred"), value.info.get("gold"))
-            else:
-                log.error("failed %s: %s", rid, value)
-                counts["failed_ids"].append(rid)
-                if fail_fast:
-                    counts[status] += 1
-                    raise RuntimeError(f"record {rid!r} failed (--fail-fast): {value}") from value
-            counts[status] += 1
-            finished = counts["done"] + counts["filtered"] + counts["failed"]
-            if finished % 50 == 0 or finished == len(todo):
-                log.info("%d/%d finished (done %d, filtered %d, failed %d) in %.0fs", finished, len(todo),
-                         counts["done"], counts["filtered"], counts["failed"], time.time() - t0)
-
-        if workers <= 1:
-            for rec, paths in todo:
-                commit(rec, paths, work(rec, paths))
-        else:
-            # A bounded window of records in flight; results are committed in input order.
-            with ThreadPoolExecutor(workers) as pool:
-                pending, items = deque(), iter(todo)
-                for rec, paths in items:
-                    pending.append((rec, paths, pool.submit(work, rec, paths)))
-                    if len(pending) >= 2 * workers:
-                        break
-                try:
-                    while pending:
-                        rec, paths, fut = pending.popleft()
-                        commit(rec, paths, fut.result())
-                        nxt = next(items, None)
-                        if nxt is not None:
-                            pending.append((*nxt, pool.submit(work, *nxt)))
-                except BaseException:
-                    for *_, fut in pending:
-                        fut.cancel()
-                    raise
-    return counts
-
-
-# =============================================================================================
-# command line
-# =============================================================================================
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("toy", help="write the toy visual-reasoning world")
-    p.add_argument("--out", default="toy")
-    p.add_argument("--n-train", type=int, default=2000, help="sft problems")
-    p.add_argument("--n-rl", type=int, default=None, help="rl problems (default: n-train)")
-    p.add_argument("--n-eval", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=56, help="a multiple of 28: 56 -> 4 image tokens")
-    p.add_argument("--model-out", default=None, help="the toy base model's folder (default: OUT/model)")
-    p.add_argument("--model-seed", type=int, default=None, help="seed of the model's initialisation and pretraining "
-                                                                "(default: --seed)")
-    p.add_argument("--n-pretrain", type=int, default=None, help="pretraining problems (default: 1.5 * n-train)")
-    p.add_argument("--pretrain-epochs", type=float, default=TOY_PRETRAIN["epochs"])
-    p.add_argument("--pretrain-lr", type=float, default=TOY_PRETRAIN["lr"])
-    p.add_argument("--no-pretrain", action="store_true", help="leave the model randomly initialised (no base model)")
-
-    p = sub.add_parser("synth", help="visual-anchored cold-start synthesis with a teacher API")
-    p.add_argument("--input", required=True, help="raw problems jsonl")
-    p.add_argument("--output", required=True, help="cold-start SFT jsonl (appended, resumable)")
-    p.add_argument("--base-url", default=None,
-                   help="OpenAI-compatible API, e.g. http://localhost:8000/v1; without it, --model (and the "
-                        "stage models) are local Hugging Face folders run by this project's generation")
-    p.add_argument("--model", required=True, help="teacher for all stages (stage 1, visual description)")
-    p.add_argument("--device", default="cpu", help="device of a local teacher")
-    p.add_argument("--reason-model", default=None, help="stage 2 teacher (default: --model)")
-    p.add_argument("--anchor-model", default=None, help="stage 3 teacher (default: --model)")
-    p.add_argument("--api-key-env", default=None, help="name of the environment variable holding the API key")
-    p.add_argument("--timeout", type=float, default=120.0)
-    p.add_argument("--max-retries", type=int, default=4)
-    p.add_argument("--backoff", type=float, default=1.0)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument("--workers", type=int, default=1, help="records in flight at once")
-    p.add_argument("--limit", type=int, default=None, help="process at most this many new records")
-    p.add_argument("--fail-fast", action="store_true", help="stop at the first failed record")
-    p.add_argument("--retry-filtered", action="store_true", help="retry records filtered out before")
-
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    log.info("config: %s", json.dumps(vars(args)))
-
-    if args.command == "toy":
-        result = write_toy_world(args.out, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed,
-                                 image_size=args.image_size, n_rl=args.n_rl, n_pretrain=args.n_pretrain)
-        model_dir = args.model_out or os.path.join(args.out, "model")
-        mseed = args.seed if args.model_seed is None else args.model_seed
-        settings = toy_pretrain_settings(args.out, mseed, args.pretrain_epochs, args.pretrain_lr,
-                                         TOY_PRETRAIN["batch_size"])
-        if args.no_pretrain:
-            result["model"] = make_toy_model(model_dir, seed=mseed, corpus=toy_corpus(args.out))
-        elif cached_base(model_dir, settings):
-            log.info("%s: the base model pretrained with these settings is already there (cached)", model_dir)
-            result["model"] = model_dir
-        else:
-            init = make_toy_model(model_dir + ".init", seed=mseed, corpus=toy_corpus(args.out))
-            result["pretrain"] = pretrain_toy_model(args.out, init, model_dir, seed=mseed, epochs=args.pretrain_epochs,
-                                                    lr=args.pretrain_lr)
-            result["model"] = model_dir
-    else:
-        api_key = None
-        if args.api_key_env:
-            api_key = os.environ.get(args.api_key_env)
-            if not api_key:
-                parser.error(f"environment variable {args.api_key_env} is not set")
-
-        def make(model):
-            if args.base_url is None:
-                return LocalTeacher(model, device=args.device, max_new_tokens=args.max_tokens,
-                                    temperature=args.temperature)
-            return OpenAITeacher(args.base_url, model, api_key=api_key, timeout=args.timeout,
-                                 max_retries=args.max_retries, backoff=args.backoff,
-                                 temperature=args.temperature, max_tokens=args.max_tokens)
-
-        teacher = make(args.model)
-        result = synthesize(args.input, args.output, teacher,
-                            reason_teacher=make(args.reason_model) if args.reason_model else None,
-                            anchor_teacher=make(args.anchor_model) if args.anchor_model else None,
-                            workers=args.workers, fail_fast=args.fail_fast,
-                            retry_filtered=args.retry_filtered, limit=args.limit)
-    print(json.dumps(result, indent=2))
-    return result
-
-
-if __name__ == "__main__":
-    run_cli(main)

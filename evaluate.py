@@ -47,30 +47,13 @@ import numpy as np
 import torch
 
 from benchmarks import IMAGE_ERRORS, load_images, read_benchmark, read_benchmark_file  # read_benchmark: re-exported
-from data import PAD_ROLE, DataError, ImageProcessor, Tokenizer, UserError, encode_chat, run_cli
+from data import (PAD_ROLE, DataError, ImageProcessor, Tokenizer, UserError, build_prompt, encode_chat,  # noqa: F401
+                  prompt_content, run_cli)  # build_prompt: re-exported (the prompt format lives in data.py)
 from grading import extract_answer, format_ok, grade  # grade, format_ok: re-exported
+from hub import resolve_checkpoint
 from model import from_pretrained
 from vas import Intervention, band, measure_vas, parse_layers
 from vas import vas as vas_of_stats
-
-# The instruction closing every user turn; training data synthesis reuses these two strings.
-ANSWER_INSTRUCTION = "Reason inside <think> </think>, then give the final answer inside <answer> </answer>."
-CHOICE_INSTRUCTION = "Answer with the option letter."
-
-
-
-
-def build_prompt(record: dict) -> str:
-    """The user-turn text: question, "A. text" option lines, then the answer instruction.
-    (The image placeholders are added by the chat template, not here.)"""
-    lines = [record["question"].strip()]
-    if not record.get("options_in_question"):
-        lines += [f"{chr(65 + i)}. {opt}" for i, opt in enumerate(record.get("options") or [])]
-    instruction = ANSWER_INSTRUCTION
-    if record.get("options") or record.get("answer_type") == "multi_choice":
-        instruction += " " + CHOICE_INSTRUCTION
-    return "\n".join(lines) + "\n" + instruction
-
 
 # ---- evaluation loop ----
 
@@ -97,19 +80,6 @@ class Setting:
     def to_dict(self) -> dict:
         return {"a_img": self.a_img, "a_sys": self.a_sys,
                 "layers": list(self.layers) if self.layers is not None else None}
-
-
-# ---- prompts ----
-
-def prompt_content(record: dict) -> list[dict]:
-    """The user turn's content parts: the record's images, then build_prompt(record). A training
-    record whose question places its images with `<image>` (`image_placeholders` true, set by
-    train_grpo's reader) keeps each image where its placeholder is."""
-    text = build_prompt(record)
-    if record.get("image_placeholders"):
-        from data import split_placeholders
-        return split_placeholders(text)
-    return [{"type": "image"} for _ in record["images"]] + [{"type": "text", "text": text}]
 
 
 def encode_record(tok: Tokenizer, proc: ImageProcessor, record: dict) -> dict:
@@ -654,8 +624,9 @@ def load_model(args):
     """(model, tokenizer, image processor) from the --model folder, in --dtype on --device."""
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
     model = from_pretrained(args.model, dtype=dtype, device=args.device).eval()
-    tok = Tokenizer(args.model)
-    proc = ImageProcessor.from_pretrained(args.model, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
+    model_dir = resolve_checkpoint(args.model)  # a run folder: its latest checkpoint
+    tok = Tokenizer(model_dir)
+    proc = ImageProcessor.from_pretrained(model_dir, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
     return model, tok, proc
 
 

@@ -49,7 +49,6 @@ from torch.utils.checkpoint import checkpoint
 from data import UserError
 from hub import (check_model_folder, check_tensor_table, checkpoint_files, iter_safetensors, normalise_name,
                  tensor_table, write_model_folder)
-from hub import config_dtype, replace_dir, resolve_checkpoint  # noqa: F401  (re-exported for their callers)
 
 
 # --------------------------------------------------------------------------------------------

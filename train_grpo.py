@@ -27,7 +27,8 @@ import grading
 import training
 import vas
 from data import (IMAGE_PLACEHOLDER, PAD_ROLE, RESPONSE, DataError, ImageProcessor, Tokenizer, UserError,
-                  answer_text, encode_chat, epoch_batches, image_tokens, normalize_record, read_records, run_cli)
+                  answer_text, encode_chat, epoch_batches, image_tokens, normalize_record, prompt_content,
+                  read_records, run_cli)
 from grpo import aggregate, group_advantages, kl_k3, policy_loss, response_mask, token_logprobs, total_reward
 from hub import check_model_folder
 from model import from_pretrained
@@ -157,7 +158,7 @@ def build_parser():
 
 def _question_of(rec):
     """The text of a normalised record's single user turn, each image part written back as the
-    `<image>` placeholder, so the images stay where the record put them (evaluate.prompt_content)."""
+    `<image>` placeholder, so the images stay where the record put them (data.prompt_content)."""
     users = [m for m in rec.messages if m["role"] == "user"]
     if len(users) != 1:
         raise ValueError(f"an RL record holds one user turn (the question), not {len(users)}")
@@ -178,7 +179,7 @@ class PromptDataset:
     number)}, also the chat forms with a top-level "answer"), so images, paths and errors follow
     SFT. Each record becomes an evaluate.py record, and `dataset[i]` is evaluate.encode_record of it:
     the default system turn, the images (where `<image>` placed them, else first), then
-    evaluate.build_prompt(record) (question, "A. ..." option lines, the answer instruction), then
+    data.build_prompt(record) (question, "A. ..." option lines, the answer instruction), then
     the assistant header. Train and eval prompts are so the same by construction. Prompts longer
     than max_prompt_len tokens are dropped and counted.
     """
@@ -211,7 +212,7 @@ class PromptDataset:
                               answer_type=answer_type or ("multi_choice" if options else None),
                               benchmark=Path(path).stem)
                 n_img = [image_tokens(p, improc) for p in rec.images]
-                length = len(encode_chat(tok, [{"role": "user", "content": evaluate.prompt_content(record)}],
+                length = len(encode_chat(tok, [{"role": "user", "content": prompt_content(record)}],
                                          n_img, add_generation_prompt=True)["input_ids"])
             except (ValueError, OSError) as e:
                 self.stats["bad"] += 1

@@ -387,7 +387,7 @@ def save_checkpoint(model, optimizer, dctx: Dist, out: str, step: int, state: di
 
 def resume_checkpoint(arg: str, out: str) -> str | None:
     """--resume: bare (`auto`) is the checkpoint OUT/latest names, None when there is none; else a
-    step_N folder, or a run folder whose `latest` names one (model.resolve_checkpoint, the one
+    step_N folder, or a run folder whose `latest` names one (hub.resolve_checkpoint, the one
     resolver of `latest`). The checkpoint must have its training state."""
     if arg == "auto" and not os.path.isfile(os.path.join(out, "latest")):
         return None

@@ -56,6 +56,7 @@ from torch.utils.checkpoint import checkpoint
 
 from data import (IMAGE, PAD_ROLE, RESPONSE, ROLE_NAMES, SYSTEM, USER, ImageProcessor, Tokenizer, UserError,
                   encode_chat, load_image, run_cli)
+from hub import resolve_checkpoint
 from model import attention_probs, from_pretrained
 
 N_ROLES = 4  # SYSTEM, IMAGE, USER, RESPONSE: the last axis of every role-mass tensor
@@ -622,8 +623,9 @@ def main(argv=None):
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if dev.startswith("cuda") else "float32"))
     model = from_pretrained(args.model, dtype=dtype, device=dev).eval()
-    tok = Tokenizer(args.model)
-    proc = ImageProcessor.from_pretrained(args.model, max_pixels=args.max_pixels)
+    model_dir = resolve_checkpoint(args.model)  # a run folder: its latest checkpoint
+    tok = Tokenizer(model_dir)
+    proc = ImageProcessor.from_pretrained(model_dir, max_pixels=args.max_pixels)
     try:
         image = load_image(args.image)
     except (OSError, ValueError) as e:  # missing, empty or undecodable: the message names the file

@@ -31,15 +31,17 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(1, os.path.join(ROOT, "experiments"))  # the byte tokenizer of the toy world
 
-IMG, VS, VE = 268, 265, 266  # the byte tokenizer's special ids (data.make_byte_tokenizer)
+IMG, VS, VE = 268, 265, 266  # the byte tokenizer's special ids (experiments/toy.py's make_byte_tokenizer)
 
 
 def build(args, path):
     """Random model in the hub layout (transformers writes it), byte tokenizer, one batch."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from data import ImageProcessor, Tokenizer, collate, encode_chat, make_byte_tokenizer
+    from data import ImageProcessor, Tokenizer, collate, encode_chat
+    from toy import make_byte_tokenizer
 
     head_dim = args.hidden // args.heads
     text = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,

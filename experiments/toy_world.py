@@ -2,7 +2,7 @@
 
     python experiments/toy_world.py [--toy toy --out runs/toy_world --seeds 0 1 2]
 
-For every seed s, from the toy base model of that seed (`python data.py toy --model-seed s`:
+For every seed s, from the toy base model of that seed (`python experiments/toy.py --model-seed s`:
 a random tiny Qwen2.5-VL pretrained on captions and direct answers of the same renderer, so it
 reads images and has an attention sink on the system turn before any cold-start):
 
@@ -11,7 +11,7 @@ reads images and has an attention sink on the system turn before any cold-start)
     sft_text_only     the same chains without their images (toy/sft_text_only.jsonl)
     sft_avar          LM loss + alpha L_enhance + beta L_suppress (alpha = beta = 0.15, the paper's)
                       on the visual-anchored records of the synthesis path (toy/sft_anchored.jsonl:
-                      data.synthesize with data.ToyTeacher), with the floor --agto-sys-floor
+                      synthesize.synthesize with toy.ToyTeacher), with the floor --agto-sys-floor
     grpo_plain        GRPO from sft_multimodal, r = r_acc + 0.1 r_format
     grpo_visual       GRPO from sft_avar, r = r_acc + 0.3 r_visual + 0.1 r_format, r_visual in its
                       bounded form (--visual-form share)
@@ -125,22 +125,24 @@ def probe(model_dirs, n_train=600, n_test=300, seed=0, steps=300):
     import torch
 
     import data
+    import toy
+    from hub import resolve_checkpoint
     from model import from_pretrained
 
-    props = {"color": ("color", lambda f: list(data.TOY_COLORS).index(f["shapes"][0]["color"])),
-             "shape": ("shape", lambda f: data.TOY_SHAPES.index(f["shapes"][0]["kind"])),
+    props = {"color": ("color", lambda f: list(toy.TOY_COLORS).index(f["shapes"][0]["color"])),
+             "shape": ("shape", lambda f: toy.TOY_SHAPES.index(f["shapes"][0]["kind"])),
              "count": ("count", lambda f: f["count"] - 1),
              "side": ("side", lambda f: int(f["side"] == "right")),
              "bars": ("bars", lambda f: int(f["taller"] == "right"))}
     out = {}
     for name, path in model_dirs.items():
         model = from_pretrained(path, dtype=torch.float32, device="cpu").eval()
-        proc = data.ImageProcessor.from_pretrained(path)
+        proc = data.ImageProcessor.from_pretrained(resolve_checkpoint(path))
         out[name] = {}
         for prop, (family, label) in props.items():
             images, ys = [], []
             for i in range(n_train + n_test):
-                img, *_, facts = data.make_toy_problem(random.Random(f"probe/{seed}/{family}/{i}"), family)
+                img, *_, facts = toy.make_toy_problem(random.Random(f"probe/{seed}/{family}/{i}"), family)
                 images.append(img)
                 ys.append(label(facts))
             pv, grid = proc(images)
@@ -170,18 +172,19 @@ def system_share(model_dir, toy, n=64):
     import torch
 
     import data
-    import evaluate
     import vas
+    from hub import resolve_checkpoint
     from model import from_pretrained
 
     model = from_pretrained(model_dir, dtype=torch.float32, device="cpu").eval()
+    model_dir = resolve_checkpoint(model_dir)  # a run folder: its latest checkpoint
     tok, proc = data.Tokenizer(model_dir), data.ImageProcessor.from_pretrained(model_dir)
     recs = [json.loads(l) for l in open(os.path.join(toy, "eval.jsonl"))][:n]
     shares = []
     for r in recs:
         image = data.load_image(os.path.join(toy, r["images"][0]))
         pv, grid = proc([image])
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": evaluate.build_prompt(r)}]}]
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.build_prompt(r)}]}]
         enc = data.encode_chat(tok, msgs, image_tokens=[int(grid[0].prod()) // 4], add_generation_prompt=True)
         ids, roles = enc["input_ids"][None], enc["roles"][None]
         res = vas.measure_vas(model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), roles=roles,
@@ -343,7 +346,7 @@ def update_readme(section, path=os.path.join(ROOT, "README.md")):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--toy", default="toy", help="toy world folder (written with `python data.py toy` if missing)")
+    ap.add_argument("--toy", default="toy", help="toy world folder (written with `python experiments/toy.py` if missing)")
     ap.add_argument("--out", default="runs/toy_world", help="checkpoints and evaluations")
     ap.add_argument("--results", default=RESULTS, help="toy_world.json and the PNG figures")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -356,7 +359,7 @@ def main():
     ap.add_argument("--a-img", type=float, nargs="+", default=[0.0, 0.15])
     ap.add_argument("--a-sys", type=float, nargs="+", default=[0.0, 0.05, 0.4])
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N held-out problems")
-    ap.add_argument("--world-args", default="", help='extra arguments of `data.py toy`, e.g. "--n-train 64" (tiny runs)')
+    ap.add_argument("--world-args", default="", help='extra arguments of `experiments/toy.py`, e.g. "--n-train 64" (tiny runs)')
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README section")
     args = ap.parse_args()
     os.chdir(ROOT)  # every path (and every command run) is relative to the repository root
@@ -365,11 +368,11 @@ def main():
     os.makedirs(os.path.join(out, "eval"), exist_ok=True)
     os.makedirs(args.results, exist_ok=True)
 
-    # 1. the base model of every seed (cached: data.py toy skips a base pretrained with the same settings)
+    # 1. the base model of every seed (cached: experiments/toy.py skips a base pretrained with the same settings)
     bases = {}
     for s in args.seeds:
         bases[s] = os.path.join(toy, "model") if s == args.seeds[0] else os.path.join(out, f"base_{s}")
-        run([py, "data.py", "toy", "--out", toy, "--model-seed", str(s), "--model-out", bases[s], *shlex.split(args.world_args)],
+        run([py, "experiments/toy.py", "--out", toy, "--model-seed", str(s), "--model-out", bases[s], *shlex.split(args.world_args)],
             log=os.path.join(out, f"base_{s}.log"))
     world = json.load(open(os.path.join(toy, "toy_world.json")))
     families = world["families"]
@@ -484,7 +487,7 @@ def main():
                     os.path.join(args.results, "vas_vs_accuracy.png"),
                     "VAS vs accuracy, one dot per checkpoint (toy world)", correlation)
     rec = [json.loads(l) for l in open(os.path.join(toy, "eval.jsonl"))][2]  # a count problem (round robin)
-    from evaluate import build_prompt
+    from data import build_prompt
     for arm, model in (("base", bases[args.seeds[0]]), ("sft_avar", os.path.join(out, f"sft_avar_s{args.seeds[0]}"))):
         run([py, "vas.py", "--model", model, "--image", os.path.join(toy, rec["images"][0]), "--question",
              build_prompt(rec), "--out", os.path.join(args.results, f"heatmap_{arm}.png")],

@@ -6,7 +6,9 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(1, os.path.join(ROOT, "experiments"))  # the toy world: `import toy`
 
 # Tiny token ids (the real ones are 151643..; a tiny vocabulary keeps the same names).
 TINY_IDS = dict(bos_token_id=256, eos_token_id=258, image_token_id=268, video_token_id=269,

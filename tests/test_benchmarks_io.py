@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluate import (ANSWER_INSTRUCTION, CHOICE_INSTRUCTION, build_prompt, grade, load_images, read_benchmark)
+from data import ANSWER_INSTRUCTION, MC_INSTRUCTION, build_prompt
+from evaluate import grade, load_images, read_benchmark
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 HEADER = ["index", "question", "hint", "A", "B", "C", "D", "answer", "answer_type", "image"]
@@ -117,11 +118,11 @@ def test_read_jsonl(tmp_path):
 
 def test_build_prompt():
     mc = dict(question="Which animal?", options=["cat", "dog"], answer_type="multi_choice")
-    assert build_prompt(mc) == f"Which animal?\nA. cat\nB. dog\n{ANSWER_INSTRUCTION} {CHOICE_INSTRUCTION}"
+    assert build_prompt(mc) == f"Which animal?\nA. cat\nB. dog\n{ANSWER_INSTRUCTION} {MC_INSTRUCTION}"
     free = dict(question="How many legs? ", options=[], answer_type="integer")
     assert build_prompt(free) == f"How many legs?\n{ANSWER_INSTRUCTION}"
     letters_in_text = dict(question="Pick one: (A) 1 (B) 2", options=[], answer_type="multi_choice")
-    assert build_prompt(letters_in_text).endswith(CHOICE_INSTRUCTION)
+    assert build_prompt(letters_in_text).endswith(MC_INSTRUCTION)
     assert "<think>" in ANSWER_INSTRUCTION and "<answer>" in ANSWER_INSTRUCTION
 
 

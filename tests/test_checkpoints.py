@@ -27,9 +27,9 @@ import train_grpo
 import train_sft
 import training
 from conftest import make_hf_model
-from data import make_byte_tokenizer
 from hub import read_safetensors_header
 from model import from_pretrained
+from toy import make_byte_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CARRIED = ["chat_template.jinja", "generation_config.json", "merges.txt", "tokenizer.json",

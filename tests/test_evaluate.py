@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 import evaluate as E
-from data import ImageProcessor, Tokenizer, make_byte_tokenizer
+from data import ImageProcessor, Tokenizer
 from model import from_pretrained
+from toy import make_byte_tokenizer
 
 MAX_NEW = 6
 FIELDS = {"id", "benchmark", "setting", "config", "answer", "answer_type", "response", "extracted", "correct",

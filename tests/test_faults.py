@@ -334,6 +334,7 @@ RUNNER = """
 import json, os, sys, time
 sys.path.insert(0, {root!r})
 sys.path.insert(0, os.path.join({root!r}, "tests"))
+sys.path.insert(0, os.path.join({root!r}, "experiments"))
 import {module} as m
 # hang (to be killed) when step {hang} starts, after step {hang_prev} was logged and written
 real, calls = m.{func}, [0]

@@ -24,7 +24,8 @@ from PIL import Image
 
 import benchmarks
 import train_grpo as tg
-from data import DataError, ImageProcessor, SFTDataset, Tokenizer, load_image, make_byte_tokenizer
+from data import DataError, ImageProcessor, SFTDataset, Tokenizer, load_image
+from toy import make_byte_tokenizer
 
 SEED, N_CASES = 0, 700
 

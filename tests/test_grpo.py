@@ -21,9 +21,10 @@ from PIL import Image
 import model as model_module
 import train_grpo as tg
 import vas
-from data import RESPONSE, DataError, ImageProcessor, Tokenizer, make_byte_tokenizer
+from data import RESPONSE, DataError, ImageProcessor, Tokenizer
 from model import Config, Qwen2_5_VL, VisionConfig, from_pretrained, init_weights, save_pretrained
 from rollouts import Rollout
+from toy import make_byte_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}

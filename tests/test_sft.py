@@ -21,8 +21,9 @@ import training
 import vas
 from conftest import make_hf_model
 from data import (IGNORE, IMAGE, PAD_ROLE, DataError, ImageProcessor, SFTDataset, Tokenizer, collate,
-                  epoch_batches, make_byte_tokenizer, micro_batches)
+                  epoch_batches, micro_batches)
 from model import from_pretrained
+from toy import make_byte_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}

@@ -16,9 +16,11 @@ import pytest
 from PIL import Image
 
 import data as sd
+import synthesize as syn
+import toy
 
-FAMILIES = list(sd.TOY_FAMILIES)
-WHITE = np.array(sd.TOY_BACKGROUND)
+FAMILIES = list(toy.TOY_FAMILIES)
+WHITE = np.array(toy.TOY_BACKGROUND)
 RESPONSE_RE = re.compile(r"<think>(.+)</think><answer>([^<]+)</answer>", re.S)
 
 
@@ -31,7 +33,7 @@ def _pixels(image):
 
 
 def _nearest_color(rgb):
-    return min(sd.TOY_COLORS, key=lambda c: sum((a - b) ** 2 for a, b in zip(sd.TOY_COLORS[c], rgb)))
+    return min(toy.TOY_COLORS, key=lambda c: sum((a - b) ** 2 for a, b in zip(toy.TOY_COLORS[c], rgb)))
 
 
 def _check_drawing(image, question, answer, options, answer_type, facts):
@@ -46,7 +48,7 @@ def _check_drawing(image, question, answer, options, answer_type, facts):
     for s in facts.get("shapes", []):
         cx, cy, r = s["cx"], s["cy"], s["r"]
         assert 0 <= cx - r and cx + r < size and 0 <= cy - r and cy + r < size
-        assert tuple(px[cy, cx]) == tuple(s["rgb"]) == sd.TOY_COLORS[s["color"]]
+        assert tuple(px[cy, cx]) == tuple(s["rgb"]) == toy.TOY_COLORS[s["color"]]
         box = px[cy - r:cy + r + 1, cx - r:cx + r + 1]
         fill = (box == np.array(s["rgb"])).all(-1).mean()
         expected = {"square": (0.97, 1.0), "circle": (0.70, 0.86), "triangle": (0.40, 0.62)}[s["kind"]]
@@ -70,7 +72,7 @@ def _check_drawing(image, question, answer, options, answer_type, facts):
         assert answer == s["color"] == _nearest_color(px[s["cy"], s["cx"]])
     elif family == "shape":
         (s,) = facts["shapes"]
-        assert chosen == s["kind"] and sorted(options) == sorted(sd.TOY_SHAPES)
+        assert chosen == s["kind"] and sorted(options) == sorted(toy.TOY_SHAPES)
     elif family == "count":
         assert answer == str(len(facts["shapes"])) and 1 <= int(answer) <= 4
         # independent count: 4-connected components of the drawn pixels
@@ -111,21 +113,21 @@ def _check_drawing(image, question, answer, options, answer_type, facts):
 def test_every_family_answer_matches_its_drawing(size):
     for family in FAMILIES:
         for seed in range(60 if size == 56 else 15):
-            problem = sd.make_toy_problem(random.Random(seed), family, image_size=size)
+            problem = toy.make_toy_problem(random.Random(seed), family, image_size=size)
             _check_drawing(*problem)
 
 
 def test_toy_problem_is_deterministic_for_a_seed():
     for family in FAMILIES:
-        a = sd.make_toy_problem(random.Random(7), family)
-        b = sd.make_toy_problem(random.Random(7), family)
+        a = toy.make_toy_problem(random.Random(7), family)
+        b = toy.make_toy_problem(random.Random(7), family)
         assert a[0].tobytes() == b[0].tobytes() and a[1:] == b[1:]
-    keys = {sd.make_toy_problem(random.Random(s), "count")[0].tobytes() for s in range(20)}
+    keys = {toy.make_toy_problem(random.Random(s), "count")[0].tobytes() for s in range(20)}
     assert len(keys) > 15  # and different seeds give different problems
     with pytest.raises(ValueError):
-        sd.make_toy_problem(random.Random(0), "nope")
+        toy.make_toy_problem(random.Random(0), "nope")
     with pytest.raises(ValueError):
-        sd.make_toy_problem(random.Random(0), "color", image_size=60)
+        toy.make_toy_problem(random.Random(0), "color", image_size=60)
 
 
 def test_reasoning_is_short_cites_the_image_and_grades():
@@ -133,7 +135,7 @@ def test_reasoning_is_short_cites_the_image_and_grades():
 
     for family in FAMILIES:
         for seed in range(40):
-            _, question, answer, options, answer_type, facts = sd.make_toy_problem(random.Random(seed), family)
+            _, question, answer, options, answer_type, facts = toy.make_toy_problem(random.Random(seed), family)
             resp = facts["response"]
             assert len(resp) < 200, resp
             m = RESPONSE_RE.fullmatch(resp)
@@ -154,7 +156,7 @@ def _read_jsonl(path):
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("toy")
-    summary = sd.main(["toy", "--out", str(d), "--n-train", "150", "--n-rl", "100", "--n-eval", "100", "--seed", "3"])
+    summary = toy.main(["--out", str(d), "--n-train", "150", "--n-rl", "100", "--n-eval", "100", "--seed", "3"])
     return d, summary
 
 
@@ -202,22 +204,22 @@ def test_toy_splits_are_disjoint_and_reproducible(toy_dir, tmp_path):
     train = keys("sft.jsonl") | keys("rl.jsonl")
     assert not keys("eval.jsonl") & train
     # the same seed writes the same world, byte for byte
-    sd.write_toy_world(tmp_path, n_train=150, n_rl=100, n_eval=100, seed=3)
+    toy.write_toy_world(tmp_path, n_train=150, n_rl=100, n_eval=100, seed=3)
     for name in ("sft.jsonl", "sft_text_only.jsonl", "rl.jsonl", "eval.jsonl"):
         assert (tmp_path / name).read_bytes() == (d / name).read_bytes()
     for r in _read_jsonl(d / "eval.jsonl")[:20]:
         assert (tmp_path / r["images"][0]).read_bytes() == (d / r["images"][0]).read_bytes()
     # a different seed, a different world
     other = tmp_path / "other"
-    sd.write_toy_world(other, n_train=5, n_eval=5, seed=4)
+    toy.write_toy_world(other, n_train=5, n_eval=5, seed=4)
     assert (other / "eval.jsonl").read_text() != "".join((d / "eval.jsonl").read_text().splitlines(True)[:5])
 
 
 def test_sft_question_is_the_evaluation_prompt(tmp_path):
-    """sft.jsonl's question is exactly what evaluate.build_prompt renders for rl/eval records."""
+    """sft.jsonl's question is exactly what data.build_prompt renders for rl/eval records."""
     from evaluate import build_prompt, format_ok, read_benchmark
 
-    sd.write_toy_world(tmp_path, n_train=10, n_rl=10, n_eval=10)
+    toy.write_toy_world(tmp_path, n_train=10, n_rl=10, n_eval=10)
     sft = _read_jsonl(tmp_path / "sft.jsonl")
     rl = _read_jsonl(tmp_path / "rl.jsonl")
     ev = read_benchmark(tmp_path / "eval.jsonl")
@@ -233,7 +235,7 @@ def test_sft_question_is_the_evaluation_prompt(tmp_path):
 
 def test_eval_problems_seen_in_training_are_redrawn(tmp_path):
     # 56 px side problems repeat often enough that some eval draws collide with training
-    s = sd.write_toy_world(tmp_path, n_train=800, n_rl=0, n_eval=200, seed=0, families=["side"])
+    s = toy.write_toy_world(tmp_path, n_train=800, n_rl=0, n_eval=200, seed=0, families=["side"])
     assert s["eval_redrawn"] > 0
     from evaluate import build_prompt
     train = {(r["question"], (tmp_path / r["images"][0]).read_bytes()) for r in _read_jsonl(tmp_path / "sft.jsonl")}
@@ -254,7 +256,7 @@ def test_chance_accuracy(toy_dir):
     ev = _read_jsonl(d / "eval.jsonl")
     from_file = np.mean([1 / len(r["options"]) if r["options"] else 1 / open_space[r["question"]] for r in ev])
     assert summary["chance"] == pytest.approx(from_file)
-    assert sd.toy_chance("count") == 0.25 and sd.toy_chance("shape", ["a", "b", "c"]) == pytest.approx(1 / 3)
+    assert toy.toy_chance("count") == 0.25 and toy.toy_chance("shape", ["a", "b", "c"]) == pytest.approx(1 / 3)
 
 
 def test_format_question():
@@ -270,7 +272,7 @@ def test_format_question():
 # =============================================================================================
 
 STAGE_MARK = {stage: prompt.splitlines()[0] for stage, prompt in
-              zip(sd.STAGES, (sd.DESCRIBE_PROMPT, sd.REASON_PROMPT, sd.ANCHOR_PROMPT))}
+              zip(syn.STAGES, (syn.DESCRIBE_PROMPT, syn.REASON_PROMPT, syn.ANCHOR_PROMPT))}
 GOLD = {"ok1": "12", "ok2": "blue", "okmc": "B", "r500": "7", "r429": "8", "rslow": "9", "rjson": "10",
         "rwrong": "11", "rwrong3": "13", "rfail": "14", "rbad": "15"}
 FAIL_ALWAYS = {"rfail", "rbad"}
@@ -403,14 +405,14 @@ def _write_raw(tmp_path, ids):
 def _teacher(api, **kw):
     args = dict(api_key="sk-test", timeout=CLIENT_TIMEOUT, max_retries=2, backoff=0.01, temperature=0.0)
     args.update(kw)
-    return sd.OpenAITeacher(api.url, "teacher-x", **args)
+    return syn.OpenAITeacher(api.url, "teacher-x", **args)
 
 
 def test_synthesis_against_a_flaky_server(api, tmp_path):
     raw = _write_raw(tmp_path, list(GOLD))
     out = tmp_path / "out" / "cold_start.jsonl"
     teacher = _teacher(api)
-    counts = sd.synthesize(raw, out, teacher)
+    counts = syn.synthesize(raw, out, teacher)
     assert counts["done"] == 7  # ok1 ok2 okmc r500 r429 rslow rjson
     assert counts["filtered"] == 2  # rwrong (stage 2), rwrong3 (stage 3)
     assert counts["failed"] == 2 and sorted(counts["failed_ids"]) == ["rbad", "rfail"]
@@ -457,7 +459,7 @@ def test_synthesis_against_a_flaky_server(api, tmp_path):
 
     # a rerun skips everything done or filtered: the server only sees the failed records again
     before = len(api.log)
-    counts = sd.synthesize(raw, out, _teacher(api))
+    counts = syn.synthesize(raw, out, _teacher(api))
     assert counts["skipped"] == 9 and counts["done"] == 0 and counts["failed"] == 2
     assert {rid for rid, *_ in api.log[before:]} == {"rfail", "rbad"}
     assert [r["id"] for r in _read_jsonl(out)] == [r["id"] for r in recs]
@@ -467,12 +469,12 @@ def test_cli_fail_fast_and_api_key_env(api, tmp_path, monkeypatch):
     raw = _write_raw(tmp_path, ["ok1", "rbad", "ok2"])
     out = tmp_path / "cold.jsonl"
     monkeypatch.setenv("TEST_TEACHER_KEY", "sk-test")
-    argv = ["synth", "--input", str(raw), "--output", str(out), "--base-url", api.url, "--model", "teacher-x",
+    argv = ["--input", str(raw), "--output", str(out), "--base-url", api.url, "--model", "teacher-x",
             "--api-key-env", "TEST_TEACHER_KEY", "--timeout", "0.5", "--backoff", "0.01", "--max-retries", "1"]
     with pytest.raises(RuntimeError, match="rbad"):
-        sd.main(argv + ["--fail-fast"])
+        syn.main(argv + ["--fail-fast"])
     assert [r["id"] for r in _read_jsonl(out)] == ["ok1"]  # what finished before is kept
-    counts = sd.main(argv)  # without the flag the run goes on past the failure
+    counts = syn.main(argv)  # without the flag the run goes on past the failure
     assert (counts["skipped"], counts["done"], counts["failed"]) == (1, 1, 1)
     assert [r["id"] for r in _read_jsonl(out)] == ["ok1", "ok2"]
     assert _read_jsonl(out)[0]["images"] == ["raw/imgs/ok1.png"]
@@ -480,12 +482,12 @@ def test_cli_fail_fast_and_api_key_env(api, tmp_path, monkeypatch):
 
 def test_teacher_errors_are_clear(api):
     for url, key, code in ((api.url, "sk-wrong", 401), (api.url.replace("/v1", "/nope"), "sk-test", 404)):
-        t = sd.OpenAITeacher(url, "teacher-x", api_key=key, max_retries=3, backoff=0.01, timeout=CLIENT_TIMEOUT)
-        with pytest.raises(sd.TeacherError, match=f"HTTP {code}"):  # a 4xx other than 429: at once
+        t = syn.OpenAITeacher(url, "teacher-x", api_key=key, max_retries=3, backoff=0.01, timeout=CLIENT_TIMEOUT)
+        with pytest.raises(syn.TeacherError, match=f"HTTP {code}"):  # a 4xx other than 429: at once
             t.chat([{"role": "user", "content": "hi"}], [])
         assert t.stats["requests"] == 1
-    t = sd.OpenAITeacher("http://127.0.0.1:9/v1", "m", timeout=0.2, max_retries=2, backoff=0.01)
-    with pytest.raises(sd.TeacherError, match="gave up after 3 attempts"):  # connection refused, retried
+    t = syn.OpenAITeacher("http://127.0.0.1:9/v1", "m", timeout=0.2, max_retries=2, backoff=0.01)
+    with pytest.raises(syn.TeacherError, match="gave up after 3 attempts"):  # connection refused, retried
         t.chat([{"role": "user", "content": "hi"}], [])
     assert t.stats == {"requests": 3, "retries": 2, "failures": 1}
 
@@ -511,22 +513,22 @@ def test_killed_run_resumes_to_the_same_file(tmp_path):
     ids = ["ok1", "rwrong", "ok2", "okmc", "r500", "rwrong3", "r429", "rslow"]
     raw = _write_raw(tmp_path, ids)
     ref = tmp_path / "a" / "out.jsonl"
-    assert sd.synthesize(raw, ref, ScriptedTeacher())["done"] == 6
+    assert syn.synthesize(raw, ref, ScriptedTeacher())["done"] == 6
 
     out = tmp_path / "b" / "out.jsonl"
     with pytest.raises(RuntimeError, match="fail-fast"):
-        sd.synthesize(raw, out, ScriptedTeacher(crash_after=4), fail_fast=True)
+        syn.synthesize(raw, out, ScriptedTeacher(crash_after=4), fail_fast=True)
     assert [r["id"] for r in _read_jsonl(out)] == ["ok1", "ok2", "okmc"]  # rwrong was filtered
     with open(out, "a") as f:  # and the kill came in the middle of a write
         f.write('{"id": "r500", "images": ["../ra')
-    counts = sd.synthesize(raw, out, ScriptedTeacher())
+    counts = syn.synthesize(raw, out, ScriptedTeacher())
     assert (counts["skipped"], counts["done"], counts["filtered"]) == (4, 3, 1)
     assert out.read_bytes() == ref.read_bytes()
     assert sorted(_read_jsonl(str(out) + ".filtered"), key=str) == sorted(_read_jsonl(str(ref) + ".filtered"), key=str)
 
     # several records in flight still write the same file, in input order
     par = tmp_path / "c" / "out.jsonl"
-    sd.synthesize(raw, par, ScriptedTeacher(), workers=3)
+    syn.synthesize(raw, par, ScriptedTeacher(), workers=3)
     assert par.read_bytes() == ref.read_bytes()
 
 
@@ -536,20 +538,20 @@ def test_bad_input_names_file_and_line(tmp_path):
     bad = tmp_path / "raw" / "bad.jsonl"
     bad.write_text(lines[0] + "\n{not json\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: bad JSON"):
-        sd.synthesize(bad, tmp_path / "o.jsonl", ScriptedTeacher())
+        syn.synthesize(bad, tmp_path / "o.jsonl", ScriptedTeacher())
     missing = tmp_path / "raw" / "missing.jsonl"
     missing.write_text(lines[0] + "\n" + lines[1].replace("imgs/ok2.png", "imgs/gone.png") + "\n")
     with pytest.raises(ValueError, match=r"missing\.jsonl:2: image file not found: 'imgs/gone.png'"):
-        sd.synthesize(missing, tmp_path / "o.jsonl", ScriptedTeacher())
+        syn.synthesize(missing, tmp_path / "o.jsonl", ScriptedTeacher())
     assert not (tmp_path / "o.jsonl").exists()  # checked before any teacher call
     out = tmp_path / "o2.jsonl"
     out.write_text('{"id": "ok1"}\nbroken\n{"id": "ok2"}\n')
     with pytest.raises(ValueError, match=r"o2\.jsonl:2"):
-        sd.synthesize(raw, out, ScriptedTeacher())
+        syn.synthesize(raw, out, ScriptedTeacher())
 
 
 def test_normalize_response():
-    n = sd.normalize_response
+    n = syn.normalize_response
     assert n("<think>a</think><answer>1</answer>") == "<think>a</think><answer>1</answer>"
     assert n("```\n<think> a </think>\n\n<answer> 1 </answer>\n```") == "<think>a</think><answer>1</answer>"
     assert n("reasoning here\n<answer>1</answer> trailing") == "<think>reasoning here</think><answer>1</answer>"
@@ -566,8 +568,8 @@ def test_normalize_response():
 
 def test_local_teacher_runs_the_projects_generation(tmp_path):
     """The local teacher: a model folder run by model.generate, with images in the user turn."""
-    sd.make_toy_model(str(tmp_path / "m"))
-    teacher = sd.LocalTeacher(str(tmp_path / "m"), max_new_tokens=12)
+    toy.make_toy_model(str(tmp_path / "m"))
+    teacher = syn.LocalTeacher(str(tmp_path / "m"), max_new_tokens=12)
     img = Image.new("RGB", (56, 56), (255, 0, 0))
     a = teacher.chat([{"role": "user", "content": "Describe the image."}], [img])
     b = teacher.chat([{"role": "user", "content": "Describe the image."}], [img])
@@ -582,8 +584,8 @@ def test_synthesized_records_train_with_train_sft(api, tmp_path):
 
     raw = _write_raw(tmp_path, list(GOLD))
     out = tmp_path / "out" / "cold_start.jsonl"
-    assert sd.synthesize(raw, out, _teacher(api))["done"] == 7
-    sd.make_toy_model(str(tmp_path / "model"))
+    assert syn.synthesize(raw, out, _teacher(api))["done"] == 7
+    toy.make_toy_model(str(tmp_path / "model"))
     run = tmp_path / "run"
     train_sft.main(["--data", str(out), "--model", str(tmp_path / "model"), "--out", str(run), "--max-steps", "2",
                     "--batch-size", "4", "--micro-batch", "2", "--lr", "1e-3", "--num-workers", "0",

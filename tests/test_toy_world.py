@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import data as sd
+import synthesize as syn
+import toy
 from evaluate import build_prompt, extract_answer, format_ok, grade
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +26,7 @@ def _jsonl(path):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("toyworld")
-    summary = sd.write_toy_world(d, n_train=40, n_rl=0, n_eval=10, n_pretrain=30, seed=5)
+    summary = toy.write_toy_world(d, n_train=40, n_rl=0, n_eval=10, n_pretrain=30, seed=5)
     return d, summary
 
 
@@ -32,16 +34,16 @@ def test_pretraining_records_describe_their_drawings(world):
     d, summary = world
     pre = _jsonl(d / "pretrain.jsonl")
     assert summary["pretrain"] == len(pre) == 30
-    families = list(sd.TOY_FAMILIES)
+    families = list(toy.TOY_FAMILIES)
     for i, r in enumerate(pre):
         # the same problem, drawn again from its seed: the record must state its facts
-        image, question, answer, options, answer_type, facts = sd.make_toy_problem(
-            sd._toy_rng(5, "pretrain", i), families[i % len(families)])
+        image, question, answer, options, answer_type, facts = toy.make_toy_problem(
+            toy._toy_rng(5, "pretrain", i), families[i % len(families)])
         with open(d / r["images"][0], "rb") as f:
             from PIL import Image
             assert Image.open(f).convert("RGB").tobytes() == image.tobytes()
         if i % 2 == 0:  # a caption: every shape's colour and kind, or the bars and the taller one
-            assert r["question"] == sd.CAPTION_QUESTION
+            assert r["question"] == toy.CAPTION_QUESTION
             text = r["response"].lower()
             for s in facts.get("shapes", []):
                 assert f"{s['color']} {s['kind']}" in text
@@ -85,25 +87,25 @@ def test_anchored_records_come_through_synthesize_and_grade(world):
         assert format_ok(r["response"]) and extract_answer(r["response"]) == s["answer"]
         assert r["response"].startswith("<think>Looking at the image") and "Let me check the image again" in r["response"]
     # a drawing two families share: the teacher answers what each question asks
-    image, *_, facts = sd.make_toy_problem(random.Random(1), "side")
-    teacher = sd.ToyTeacher([(image, None, None, None, None, facts)])
-    desc = teacher.chat([{"role": "user", "content": sd.DESCRIBE_PROMPT.format(question="x")}], [image])
+    image, *_, facts = toy.make_toy_problem(random.Random(1), "side")
+    teacher = toy.ToyTeacher([(image, None, None, None, None, facts)])
+    desc = teacher.chat([{"role": "user", "content": syn.DESCRIBE_PROMPT.format(question="x")}], [image])
     for question, answer in (("Is the circle on the left or right?", facts["side"]), ("How many shapes are there?", "1")):
-        reply = teacher.chat([{"role": "user", "content": sd.REASON_PROMPT.format(
+        reply = teacher.chat([{"role": "user", "content": syn.REASON_PROMPT.format(
             description=desc, question=question, answer_format="")}], [])
         assert extract_answer(reply) == answer
-    with pytest.raises(sd.TeacherError, match="not given"):
-        teacher.chat([{"role": "user", "content": sd.DESCRIBE_PROMPT.format(question="x")}],
-                     [sd.make_toy_problem(random.Random(2), "color")[0]])
+    with pytest.raises(syn.TeacherError, match="not given"):
+        teacher.chat([{"role": "user", "content": syn.DESCRIBE_PROMPT.format(question="x")}],
+                     [toy.make_toy_problem(random.Random(2), "color")[0]])
 
 
 def test_toy_cli_pretrains_a_base_model_and_caches_it(tmp_path):
-    """`data.py toy` writes the random model to OUT/model.init and the pretrained base to OUT/model;
+    """`experiments/toy.py` writes the random model to OUT/model.init and the pretrained base to OUT/model;
     a second call with the same settings keeps it."""
     from model import from_pretrained
 
     d = tmp_path / "toy"
-    cmd = [sys.executable, os.path.join(ROOT, "data.py"), "toy", "--out", str(d), "--n-train", "16", "--n-rl", "0",
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "toy.py"), "--out", str(d), "--n-train", "16", "--n-rl", "0",
            "--n-eval", "4", "--n-pretrain", "32", "--pretrain-epochs", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -127,8 +129,8 @@ def test_toy_cli_pretrains_a_base_model_and_caches_it(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_sft(tmp_path_factory):
     d = tmp_path_factory.mktemp("tinysft")
-    sd.write_toy_world(d, n_train=16, n_rl=0, n_eval=2, n_pretrain=0, anchored=False)
-    sd.make_toy_model(str(d / "model"), corpus=sd.toy_corpus(str(d)))
+    toy.write_toy_world(d, n_train=16, n_rl=0, n_eval=2, n_pretrain=0, anchored=False)
+    toy.make_toy_model(str(d / "model"), corpus=toy.toy_corpus(str(d)))
     return d
 
 

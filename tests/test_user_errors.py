@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import ImageProcessor, make_byte_tokenizer
+from data import ImageProcessor
 from model import Config, Qwen2_5_VL, VisionConfig, init_weights, save_pretrained
+from toy import make_byte_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,9 +119,9 @@ CASES = {  # name: (command, the file the message must name)
     "vas missing tokenizer": (VAS + ["--model", "{root}/no_tokenizer", "--image", "{root}/a.png"], "tokenizer.json"),
     "vas truncated safetensors": (VAS + ["--model", "{root}/truncated", "--image", "{root}/a.png"],
                                   "truncated/model.safetensors"),
-    "data synth missing input": (["data.py", "synth", "--input", "{root}/nope.jsonl", "--output", "{root}/o.jsonl",
+    "synthesize missing input": (["synthesize.py", "--input", "{root}/nope.jsonl", "--output", "{root}/o.jsonl",
                                   "--model", "teacher", "--base-url", "http://127.0.0.1:9/v1"], "nope.jsonl"),
-    "data synth non-utf8 input": (["data.py", "synth", "--input", "{root}/latin1.jsonl", "--output",
+    "synthesize non-utf8 input": (["synthesize.py", "--input", "{root}/latin1.jsonl", "--output",
                                    "{root}/o2.jsonl", "--model", "teacher", "--base-url", "http://127.0.0.1:9/v1"],
                                   "latin1.jsonl"),
 }

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from conftest import TINY_IDS
-from data import IMAGE, PAD_ROLE, RESPONSE, SYSTEM, USER, Tokenizer, encode_chat, make_byte_tokenizer
+from data import IMAGE, PAD_ROLE, RESPONSE, SYSTEM, USER, Tokenizer, encode_chat
 from hub import normalise_name
 from model import KVCache, from_pretrained, save_pretrained
+from toy import make_byte_tokenizer
 from vas import (AttentionGuidedLoss, AttentionStats, Intervention, measure_vas, query_mask, vas,
                  visual_reward)
 
