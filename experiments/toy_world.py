@@ -311,8 +311,8 @@ def readme_section(res):
     """The README's toy-world tables, from toy_world.json alone."""
     fams = res["families"]
     lines = [README_BEGIN, "",
-             f"Measured by `python experiments/toy_world.py` ({res['minutes']:.0f} minutes on this shared 2-core "
-             f"machine; seeds {', '.join(map(str, res['seeds']))}; {res['n_eval']} held-out problems; "
+             f"Measured by `python experiments/toy_world.py` (seeds {', '.join(map(str, res['seeds']))}; "
+             f"{res['n_eval']} held-out problems; "
              "mean over seeds with its 95% t-interval in brackets; accuracy in %; chance "
              f"{res['chance']:.1f}%: " + ", ".join(f"{k} {v:.0f}%" for k, v in res["chance_by_family"].items())
              + "). Written from `experiments/results/toy_world.json`.", "",
