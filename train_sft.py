@@ -545,9 +545,9 @@ def train(args, rank, world, device, use_fsdp):
                         if args.agto_sys_floor > 0 else
                         f"the eps floor ({args.agto_eps:g}): the system turn has lost its attention, VAS reads "
                         f"{r['vas']:.3g} and no longer measures anything; consider --agto-sys-floor")
-                tqdm.write(f"warning: step {step}: in {100 * r['at_floor']:.0f}% of the (sample, layer, head) cells "
-                           f"the system turn's share of the user turn's attention (mean {r['sys_share']:.2e}) sits "
-                           f"at {what}")
+                tqdm.write(f"warning: step {step}: in {100 * r['at_floor']:.0f}% of the user-turn query rows (over "
+                           f"layers and heads) the share of attention on the system turn (mean {r['sys_share']:.2e}) "
+                           f"sits at {what}")
             if rank == 0:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
