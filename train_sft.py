@@ -400,8 +400,8 @@ def warn_at_floor(run: Run, row: dict, pbar) -> bool:
             if args.agto_sys_floor > 0 else
             f"the eps floor ({args.agto_eps:g}): the system turn has lost its attention, VAS reads "
             f"{row['vas']:.3g} and no longer measures anything; consider --agto-sys-floor")
-    pbar.write(f"warning: step {row['step']}: in {100 * row['at_floor']:.0f}% of the (sample, layer, head) cells "
-               f"the system turn's share of the user turn's attention (mean {row['sys_share']:.2e}) sits at {what}")
+    pbar.write(f"warning: step {row['step']}: in {100 * row['at_floor']:.0f}% of the user-turn query rows (over layers "
+               f"and heads) the share of attention on the system turn (mean {row['sys_share']:.2e}) sits at {what}")
     return True
 
 

@@ -386,6 +386,68 @@ def measure_vas(model, batch: dict, query: str = "user", layers=None, interventi
 
 
 # --------------------------------------------------------------------------------------------
+# VAS against accuracy: the paper's first finding is a correlation (Pearson r with its p value)
+# --------------------------------------------------------------------------------------------
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) by its continued fraction (modified Lentz; Numerical
+    Recipes 6.4), using the symmetry I_x(a, b) = 1 - I_{1-x}(b, a) where the fraction converges slowly."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1.0) / (a + b + 2.0):
+        return 1.0 - betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * f
+
+
+def pearson(x, y) -> dict:
+    """Pearson r = sum (x - mx)(y - my) / sqrt(sum (x - mx)^2 sum (y - my)^2), and the two-sided
+    p-value of H0: r = 0 from t = r sqrt((n - 2) / (1 - r^2)) with n - 2 degrees of freedom:
+    p = I_{df / (df + t^2)}(df / 2, 1 / 2). r is None when n < 2 or one side is constant; p is None
+    when n < 3."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"pearson: x and y must be 1-D of one length, got {x.shape} and {y.shape}")
+    n = len(x)
+    if n < 2:
+        return {"r": None, "p": None, "n": n}
+    dx, dy = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float((dx * dx).sum()) * float((dy * dy).sum()))
+    if denom == 0.0:
+        return {"r": None, "p": None, "n": n}
+    r = max(-1.0, min(1.0, float((dx * dy).sum()) / denom))
+    return {"r": r, "p": pearson_p(r, n), "n": n}
+
+
+def pearson_p(r: float, n: int) -> float | None:
+    """Two-sided p-value of a Pearson r from n pairs (Student t, n - 2 degrees of freedom)."""
+    if n < 3:
+        return None
+    if abs(r) >= 1.0:
+        return 0.0
+    df = n - 2
+    t2 = r * r * df / (1.0 - r * r)
+    return betainc(df / 2.0, 0.5, df / (df + t2))
+
+
+# --------------------------------------------------------------------------------------------
 # Attention-guided SFT objective (4b)
 # --------------------------------------------------------------------------------------------
 

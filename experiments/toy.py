@@ -554,15 +554,19 @@ def pretrain_toy_model(toy_dir, init_dir, out_dir, seed=0, epochs=TOY_PRETRAIN["
     Like a real base model it reads images before any cold-start, and it grows the attention sink
     on the system turn that VAS divides by (the README measures it)."""
     import shutil
+    import subprocess
 
-    import train_sft  # the project's SFT, run in this process
+    from hub import resolve_checkpoint
 
     run_dir = os.path.abspath(out_dir) + ".run"
-    result = train_sft.main(["--data", os.path.join(toy_dir, "pretrain.jsonl"), "--model", init_dir,
-                             "--out", run_dir, "--epochs", str(epochs), "--lr", str(lr),
-                             "--batch-size", str(batch_size), "--micro-batch", "8", "--seed", str(seed),
-                             "--agto-alpha", "0", "--agto-beta", "0", "--save-every", "0", "--num-workers", "0"])
-    ckpt = result["checkpoint"]
+    train_sft = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_sft.py")
+    subprocess.run([sys.executable, train_sft, "--data", os.path.join(toy_dir, "pretrain.jsonl"), "--model", init_dir,
+                    "--out", run_dir, "--epochs", str(epochs), "--lr", str(lr),
+                    "--batch-size", str(batch_size), "--micro-batch", "8", "--seed", str(seed),
+                    "--agto-alpha", "0", "--agto-beta", "0", "--save-every", "0", "--num-workers", "0"], check=True)
+    ckpt = resolve_checkpoint(run_dir)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f if line.strip()]
     tmp = os.path.abspath(out_dir) + ".partial"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -571,7 +575,7 @@ def pretrain_toy_model(toy_dir, init_dir, out_dir, seed=0, epochs=TOY_PRETRAIN["
         if name not in ("train_state.pt", "run_config.json"):
             shutil.copy2(os.path.join(ckpt, name), os.path.join(tmp, name))
     info = dict(settings=toy_pretrain_settings(toy_dir, seed, epochs, lr, batch_size),
-                final_lm_loss=result["metrics"][-1]["lm_loss"], steps=len(result["metrics"]))
+                final_lm_loss=metrics[-1]["lm_loss"], steps=len(metrics))
     with open(os.path.join(tmp, "pretrain.json"), "w") as f:
         json.dump(info, f, indent=2)
     if os.path.exists(out_dir):

@@ -62,13 +62,13 @@ def run(cmd, log=None):
 
 def t_quantile(df, level=0.95):
     """The two-sided Student t quantile: t with P(|T| > t) = 1 - level, by bisection on
-    P(|T| > t) = I_{df / (df + t^2)}(df / 2, 1 / 2) (evaluate._betainc, the p value of pearson_p)."""
-    from evaluate import _betainc
+    P(|T| > t) = I_{df / (df + t^2)}(df / 2, 1 / 2) (vas.betainc, the p value of vas.pearson_p)."""
+    from vas import betainc
 
     lo, hi = 0.0, 1e3
     for _ in range(200):
         mid = (lo + hi) / 2
-        if _betainc(df / 2, 0.5, df / (df + mid * mid)) > 1 - level:
+        if betainc(df / 2, 0.5, df / (df + mid * mid)) > 1 - level:
             lo = mid
         else:
             hi = mid
@@ -164,6 +164,39 @@ def probe(model_dirs, n_train=600, n_test=300, seed=0, steps=300):
                     res[kind] = 100.0 * float((lin(x[n_train:]).argmax(1) == y[n_train:]).float().mean())
             out[name][prop] = res
     return out
+
+
+def caption_check(model_dir, toy):
+    """What the model says when asked to describe a held-out image (toy.CAPTION_QUESTION, greedy):
+    the % of captions that state the fact each family asks for (its colour, its shape, how many,
+    which side, which bar is taller). Separates seeing from answering: a fact the model names in
+    its caption but misses in the question is lost in the answer, not in perception."""
+    import torch
+
+    import data
+    import toy
+    from model import from_pretrained
+
+    model = from_pretrained(model_dir, dtype=torch.float32, device="cpu").eval()
+    tok, proc = data.Tokenizer(model_dir), data.ImageProcessor.from_pretrained(model_dir)
+    world = json.load(open(os.path.join(toy, "toy_world.json")))
+    families = world["families"]
+    right, total = {f: 0 for f in families}, {f: 0 for f in families}
+    for i, r in enumerate(json.loads(l) for l in open(os.path.join(toy, "eval.jsonl"))):
+        fam = families[i % len(families)]
+        pv, grid = proc([data.load_image(os.path.join(toy, r["images"][0]))])
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": toy.CAPTION_QUESTION}]}]
+        ids = data.encode_chat(tok, msgs, image_tokens=[int(grid[0].prod()) // 4], add_generation_prompt=True)["input_ids"]
+        out, n = model.generate([ids], pv, grid, max_new_tokens=48, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+                                vocab_limit=tok.vocab_size)
+        cap = tok.decode(out[0, :int(n[0])]).lower()
+        gold = r["options"][ord(r["answer"]) - 65] if r["options"] else r["answer"]
+        ok = {"color": f"{gold} " in cap, "shape": f" {gold}" in cap,
+              "count": cap.startswith(f"{gold} shapes") if gold != "1" else cap.startswith("a "),
+              "side": f"on the {gold}" in cap, "bars": f"the {gold} bar is taller" in cap}[fam]
+        right[fam] += ok
+        total[fam] += 1
+    return {f: 100.0 * right[f] / max(total[f], 1) for f in families}
 
 
 def system_share(model_dir, toy, n=64):
@@ -282,8 +315,8 @@ def readme_section(res):
     """The README's toy-world tables, from toy_world.json alone."""
     fams = res["families"]
     lines = [README_BEGIN, "",
-             f"Measured by `python experiments/toy_world.py` ({res['minutes']:.0f} minutes on this shared 2-core "
-             f"machine; seeds {', '.join(map(str, res['seeds']))}; {res['n_eval']} held-out problems; "
+             f"Measured by `python experiments/toy_world.py` (seeds {', '.join(map(str, res['seeds']))}; "
+             f"{res['n_eval']} held-out problems; "
              "mean over seeds with its 95% t-interval in brackets; accuracy in %; chance "
              f"{res['chance']:.1f}%: " + ", ".join(f"{k} {v:.0f}%" for k, v in res["chance_by_family"].items())
              + "). Written from `experiments/results/toy_world.json`.", "",
@@ -316,6 +349,10 @@ def readme_section(res):
               "|---|" + "---|---|" * len(res["probe"]["models"][next(iter(res["probe"]["models"]))])]
     for model, props in res["probe"]["models"].items():
         lines.append(f"| {model} | " + " | ".join(f"{v['concat']:.0f} | {v['mean']:.0f}" for v in props.values()) + " |")
+    cs = res["captions"]["summary"]
+    lines += ["", "What the base models say when asked to describe a held-out image (`Describe the image.`, "
+              "greedy): % of captions that state the fact the family's question asks for: "
+              + ", ".join(f"{f} {fmt_ci(cs[f], 0)}" for f in fams) + "."]
     b = res["bounded"]
     lines += ["", f"System share of the user turn's attention (base models, mean over seeds): "
               f"{b['base_sys_share']['mean']:.3f}; sft_avar floors it at {b['sys_floor']} (--agto-sys-floor). "
@@ -427,7 +464,7 @@ def main():
         print(f"seed {s} done after {(time.time() - t_start) / 60:.1f} min", flush=True)
 
     # 2. summaries over seeds
-    from evaluate import pearson
+    from vas import pearson
 
     arms = {}
     for name, rs in runs.items():
@@ -469,13 +506,16 @@ def main():
     p = probe({"random init": bases[args.seeds[0]] + ".init", "base (pretrained)": bases[args.seeds[0]],
                "sft_multimodal": os.path.join(out, f"sft_multimodal_s{args.seeds[0]}")})
 
+    captions = [caption_check(bases[s], toy) for s in args.seeds]
+
     res = {"seeds": args.seeds, "n_eval": world["eval"] if not args.limit else args.limit, "families": families,
            "accuracy_unit": "percent", "chance": 100 * world["chance"],
            "chance_by_family": {k: 100 * v for k, v in world["chance_by_family"].items()},
            "settings": {k: v for k, v in vars(args).items() if k not in ("no_readme",)},
            "arms": arms, "correlation": correlation, "correlation_all": correlation_all,
            "intervention": intervention, "bounded": bounded,
-           "probe": {"n_train": 600, "n_test": 300, "models": p}}
+           "probe": {"n_train": 600, "n_test": 300, "models": p},
+           "captions": {"runs": captions, "summary": {f: mean_ci([c[f] for c in captions]) for f in families}}}
 
     res["minutes"] = (time.time() - t_start) / 60  # the training and evaluation (the figures follow)
     with open(os.path.join(args.results, "toy_world.json"), "w") as f:
