@@ -70,7 +70,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from data import UserError, load_image
+from data import ImageProcessor, Tokenizer, UserError, encode_chat, load_image, prompt_content
 from grading import ANSWER_TYPES, same_value
 
 # What PIL raises on bad image data (an image over its pixel limit raises DecompressionBombError,
@@ -403,3 +403,18 @@ def _check_file(p: Path, where: str) -> None:
         _check_image(p)
     except IMAGE_ERRORS as e:
         raise ValueError(f"{where}: {str(p)!r} is not an image ({e})") from None
+
+
+# ---- one record as the model's input ----
+
+def encode_record(tok: Tokenizer, proc: ImageProcessor, record: dict) -> dict:
+    """One question in the training format: default system turn, then a user turn holding the
+    record's images followed by build_prompt(record), then the assistant header.
+    Returns input_ids (T,), roles (T,), pixel_values (N, 1176) or None, image_grid_thw (n, 3) or None."""
+    images = load_images(record)
+    names = [f"{record.get('benchmark')}: id {record['id']}: image {i}" for i in range(len(images))]
+    pixel_values, grid = proc(images, names) if images else (None, None)
+    n_tokens = [int(g.prod()) // proc.merge ** 2 for g in grid] if grid is not None else []
+    enc = encode_chat(tok, [{"role": "user", "content": prompt_content(record)}], n_tokens, add_generation_prompt=True)
+    return {"input_ids": enc["input_ids"], "roles": enc["roles"], "pixel_values": pixel_values,
+            "image_grid_thw": grid}

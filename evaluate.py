@@ -45,13 +45,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import IMAGE_ERRORS, load_images, read_benchmark, read_benchmark_file  # read_benchmark: re-exported
-from data import (PAD_ROLE, DataError, ImageProcessor, Tokenizer, UserError, build_prompt, encode_chat,  # noqa: F401
-                  prompt_content, run_cli)  # build_prompt: re-exported (the prompt format lives in data.py)
-from grading import extract_answer, format_ok, grade  # grade, format_ok: re-exported
+from benchmarks import IMAGE_ERRORS, encode_record, read_benchmark, read_benchmark_file
+from data import PAD_ROLE, DataError, ImageProcessor, Tokenizer, UserError, run_cli
+from grading import extract_answer, grade
 from hub import resolve_checkpoint
 from model import from_pretrained
-from vas import Intervention, band, measure_vas, parse_layers, pearson, pearson_p  # noqa: F401  (pearson_p: re-exported)
+from vas import Intervention, band, measure_vas, parse_layers, pearson
 from vas import vas as vas_of_stats
 
 # ---- evaluation loop ----
@@ -79,19 +78,6 @@ class Setting:
     def to_dict(self) -> dict:
         return {"a_img": self.a_img, "a_sys": self.a_sys,
                 "layers": list(self.layers) if self.layers is not None else None}
-
-
-def encode_record(tok: Tokenizer, proc: ImageProcessor, record: dict) -> dict:
-    """One question in the training format: default system turn, then a user turn holding the
-    record's images followed by build_prompt(record), then the assistant header.
-    Returns input_ids (T,), roles (T,), pixel_values (N, 1176) or None, image_grid_thw (n, 3) or None."""
-    images = load_images(record)
-    names = [f"{record.get('benchmark')}: id {record['id']}: image {i}" for i in range(len(images))]
-    pixel_values, grid = proc(images, names) if images else (None, None)
-    n_tokens = [int(g.prod()) // proc.merge ** 2 for g in grid] if grid is not None else []
-    enc = encode_chat(tok, [{"role": "user", "content": prompt_content(record)}], n_tokens, add_generation_prompt=True)
-    return {"input_ids": enc["input_ids"], "roles": enc["roles"], "pixel_values": pixel_values,
-            "image_grid_thw": grid}
 
 
 def _concat_images(encs: list[dict]):

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import evaluate
 import grading
 import training
 import vas
+from benchmarks import IMAGE_ERRORS, encode_record
 from data import (IMAGE_PLACEHOLDER, PAD_ROLE, RESPONSE, DataError, ImageProcessor, Tokenizer, UserError,
                   answer_text, encode_chat, epoch_batches, image_tokens, normalize_record, prompt_content,
                   read_records, run_cli)
@@ -177,7 +177,7 @@ class PromptDataset:
     The file (JSON lines or a JSON array) is read by data.read_records and data.normalize_record, the
     SFT reader (flat / EasyR1 form {"images", "question" or "problem", "answer" (a string or a
     number)}, also the chat forms with a top-level "answer"), so images, paths and errors follow
-    SFT. Each record becomes an evaluate.py record, and `dataset[i]` is evaluate.encode_record of it:
+    SFT. Each record becomes a benchmark record, and `dataset[i]` is benchmarks.encode_record of it:
     the default system turn, the images (where `<image>` placed them, else first), then
     data.build_prompt(record) (question, "A. ..." option lines, the answer instruction), then
     the assistant header. Train and eval prompts are so the same by construction. Prompts longer
@@ -243,8 +243,8 @@ class PromptDataset:
         An image that passed the header check but does not decode (a truncated file) raises
         DataError naming the line and the file."""
         try:
-            enc = evaluate.encode_record(self.tok, self.improc, self.records[i])
-        except evaluate.IMAGE_ERRORS as e:
+            enc = encode_record(self.tok, self.improc, self.records[i])
+        except IMAGE_ERRORS as e:
             files = ", ".join(map(str, self.records[i]["images"]))
             raise DataError(f"{self.where[i]}: cannot decode image {files} ({e})") from None
         enc["record"] = self.records[i]
@@ -474,7 +474,7 @@ def grpo_step(model, optimizer, tok, encs, group_ids, args, dctx, step, *, ref_m
     """One rollout batch and its update on this process's prompts `encs`. Returns (metrics, rollout).
 
     reward_fn(rollout) -> (acc, fmt, vis) may replace the AVAR reward (tests); by default
-    r_acc / r_format from evaluate.py and r_visual from vas.py for the correct answers.
+    r_acc / r_format from grading.py and r_visual from vas.py for the correct answers.
     """
     G = args.group_size
     cfg = LossConfig(temperature=args.temperature, clip_low=args.clip_low, clip_high=args.clip_high,

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from data import ANSWER_INSTRUCTION, MC_INSTRUCTION, build_prompt
-from evaluate import grade, load_images, read_benchmark
+from benchmarks import load_images
+from evaluate import grade, read_benchmark
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 HEADER = ["index", "question", "hint", "A", "B", "C", "D", "answer", "answer_type", "image"]

@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 import evaluate as E
+import grading
+import vas as V
 from data import ImageProcessor, Tokenizer
 from model import from_pretrained
 from toy import make_byte_tokenizer
@@ -308,12 +310,12 @@ def test_pearson_hand_computed():
     assert res["p"] == pytest.approx(1 - 11 / math.sqrt(130), abs=1e-12)
     # 1 degree of freedom (Cauchy): p = 1 - (2 / pi) atan(|t|), t = r sqrt(1 / (1 - r^2))
     r = 0.8
-    assert E.pearson_p(r, 3) == pytest.approx(1 - 2 / math.pi * math.atan(r / math.sqrt(1 - r * r)), abs=1e-12)
+    assert V.pearson_p(r, 3) == pytest.approx(1 - 2 / math.pi * math.atan(r / math.sqrt(1 - r * r)), abs=1e-12)
     # the t table: two-sided 5% critical value at 10 degrees of freedom is 2.228139
     t = 2.228139
-    assert E.pearson_p(t / math.sqrt(t * t + 10), 12) == pytest.approx(0.05, abs=1e-6)
+    assert V.pearson_p(t / math.sqrt(t * t + 10), 12) == pytest.approx(0.05, abs=1e-6)
     # the paper: r = 0.9616 over 10 models gives p = 9.0e-6
-    assert E.pearson_p(0.9616, 10) == pytest.approx(9.0e-6, rel=0.02)
+    assert V.pearson_p(0.9616, 10) == pytest.approx(9.0e-6, rel=0.02)
     rng = np.random.default_rng(0)
     x = rng.normal(size=20)
     y = 0.5 * x + rng.normal(size=20)
@@ -398,7 +400,7 @@ def test_decode_response_keeps_special_reasoning_tags(tagged_dir):
     # what skip_special_tokens=True gives: no tags, so no answer and no format reward
     stripped = tok.decode(ids, skip_special_tokens=True)
     assert stripped == "The square is red.A" and E.extract_answer(stripped) is None
-    assert not E.format_ok(stripped) and E.format_ok(tok.decode_response(ids))
+    assert not grading.format_ok(stripped) and grading.format_ok(tok.decode_response(ids))
 
 
 def test_evaluation_scores_tagged_responses(parts, tagged_dir, benches, tmp_path, monkeypatch):

@@ -131,7 +131,7 @@ def test_toy_problem_is_deterministic_for_a_seed():
 
 
 def test_reasoning_is_short_cites_the_image_and_grades():
-    from evaluate import extract_answer, format_ok, grade
+    from grading import extract_answer, format_ok, grade
 
     for family in FAMILIES:
         for seed in range(40):
@@ -217,7 +217,9 @@ def test_toy_splits_are_disjoint_and_reproducible(toy_dir, tmp_path):
 
 def test_sft_question_is_the_evaluation_prompt(tmp_path):
     """sft.jsonl's question is exactly what data.build_prompt renders for rl/eval records."""
-    from evaluate import build_prompt, format_ok, read_benchmark
+    from data import build_prompt
+    from evaluate import read_benchmark
+    from grading import format_ok
 
     toy.write_toy_world(tmp_path, n_train=10, n_rl=10, n_eval=10)
     sft = _read_jsonl(tmp_path / "sft.jsonl")
@@ -237,7 +239,7 @@ def test_eval_problems_seen_in_training_are_redrawn(tmp_path):
     # 56 px side problems repeat often enough that some eval draws collide with training
     s = toy.write_toy_world(tmp_path, n_train=800, n_rl=0, n_eval=200, seed=0, families=["side"])
     assert s["eval_redrawn"] > 0
-    from evaluate import build_prompt
+    from data import build_prompt
     train = {(r["question"], (tmp_path / r["images"][0]).read_bytes()) for r in _read_jsonl(tmp_path / "sft.jsonl")}
     assert not any((build_prompt(r), (tmp_path / r["images"][0]).read_bytes()) in train
                    for r in _read_jsonl(tmp_path / "eval.jsonl"))
@@ -439,7 +441,7 @@ def test_synthesis_against_a_flaky_server(api, tmp_path):
 
     recs = _read_jsonl(out)
     assert [r["id"] for r in recs] == ["ok1", "ok2", "okmc", "r500", "r429", "rslow", "rjson"]  # input order
-    from evaluate import extract_answer, format_ok
+    from grading import extract_answer, format_ok
     for r in recs:
         assert set(r) == {"id", "images", "question", "response", "answer"}
         assert r["images"] == [f"../raw/imgs/{r['id']}.png"]  # relative to the output's folder
@@ -449,7 +451,7 @@ def test_synthesis_against_a_flaky_server(api, tmp_path):
         assert m and "Looking back at the triangle" in m.group(1)
         assert extract_answer(r["response"]) == r["answer"] == GOLD[r["id"]]
     mc = next(r for r in recs if r["id"] == "okmc")
-    from evaluate import build_prompt
+    from data import build_prompt
     assert mc["question"] == build_prompt({"question": "Problem okmc: which value?", "options": ["3", "4", "5"],
                                            "answer_type": "multi_choice"})
     filtered = {r["id"]: r for r in _read_jsonl(str(out) + ".filtered")}
@@ -560,7 +562,7 @@ def test_normalize_response():
     assert n("<think>a<think>b</think><answer>1</answer>") is None
     assert n("<think>first <answer>2</answer>, then</think><answer>1</answer>") == \
         "<think>first 2, then</think><answer>1</answer>"
-    from evaluate import format_ok
+    from grading import format_ok
     for text in ("<think>a</think><answer>1</answer>", "x\n<answer>1</answer>",
                  "<think>q <answer>2</answer></think> <answer>1</answer> bye"):
         assert format_ok(n(text))

@@ -13,7 +13,8 @@ import torch
 import data as sd
 import synthesize as syn
 import toy
-from evaluate import build_prompt, extract_answer, format_ok, grade
+from data import build_prompt
+from grading import extract_answer, format_ok, grade
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
