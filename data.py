@@ -800,37 +800,6 @@ class SFTDataset(torch.utils.data.Dataset):
                 f" tokens/record mean {sum(self.lengths) / len(self.lengths):.0f}, max {max(self.lengths)}")
 
 
-def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True,
-                  bucket_batches: int = 16) -> list[list[int]]:
-    """The global batches (lists of record indices) of one epoch, the same on every process: a
-    seeded shuffle (seed, epoch) cut into buckets of `bucket_batches` batches, each bucket sorted by
-    length and cut into batches, the batches shuffled again. So a batch holds records of similar
-    length (little padding, sorted within the batch) and the epoch's order stays random. The last
-    incomplete batch is dropped; with group_by_length=False batches are plain slices of the shuffle."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(lengths), generator=g).tolist()
-    n = len(order) // batch_size * batch_size
-    if not group_by_length:
-        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    bucket = batch_size * bucket_batches
-    batches = []
-    for s in range(0, len(order), bucket):
-        chunk = sorted(order[s:s + bucket], key=lambda i: lengths[i])
-        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size))
-    batches = batches[: n // batch_size]
-    perm = torch.randperm(len(batches), generator=g).tolist()
-    return [batches[p] for p in perm]
-
-
-def micro_batches(batch: list[int], micro_batch: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
-    """This process's micro-batches of one global batch: `micro_batch` consecutive (similar-length)
-    records each, micro-batch j to process j % world_size, so every process gets long and short
-    ones alike, and one process with A micro-batches sees exactly what A processes would see."""
-    assert len(batch) % (micro_batch * world_size) == 0, (len(batch), micro_batch, world_size)
-    mbs = [batch[i:i + micro_batch] for i in range(0, len(batch), micro_batch)]
-    return mbs[rank::world_size]
-
-
 def collate(samples: list[dict], pad_id: int) -> dict:
     """Right-pad a micro-batch: input_ids (B, T) with pad_id, attention_mask (B, T) 0 on padding,
     labels (B, T) with IGNORE, roles (B, T) with PAD_ROLE; pixel_values (N, 1176) and image_grid_thw

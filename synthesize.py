@@ -40,9 +40,9 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from PIL import Image
 
-from data import DataError, ImageProcessor, Tokenizer, build_prompt, encode_chat, format_question, read_records, run_cli
+from data import (DataError, ImageProcessor, Tokenizer, build_prompt, encode_chat, format_question, load_image, read_records,
+                  run_cli, to_rgb)
 from grading import extract_answer, grade
 from hub import resolve_checkpoint
 from model import from_pretrained
@@ -144,7 +144,7 @@ class LocalTeacher(Teacher):
         if pixel_values is not None:
             pixel_values, grid = pixel_values.to(device), grid.to(device)
         out, lengths = self.model.generate([ids], pixel_values, grid, **self.kw)
-        return self.tok.decode(out[0, :int(lengths[0])])
+        return self.tok.decode_response(out[0, :int(lengths[0])])
 
 
 class _Malformed(Exception):
@@ -153,7 +153,7 @@ class _Malformed(Exception):
 
 def image_data_url(image):
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG")
+    to_rgb(image).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -375,9 +375,8 @@ def _synthesize_one(rec, image_paths, teachers, question):
             return grade(pred, gold, options, None)
 
     images = []
-    for p in image_paths:
-        with Image.open(p) as im:
-            images.append(im.convert("RGB"))
+    for p in image_paths:  # as the model sees them: decoded, transparency composited on white
+        images.append(load_image(p))
 
     def call(stage, prompt, imgs):
         try:

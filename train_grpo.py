@@ -27,7 +27,7 @@ import training
 import vas
 from benchmarks import IMAGE_ERRORS, encode_record
 from data import (IMAGE_PLACEHOLDER, PAD_ROLE, RESPONSE, DataError, ImageProcessor, Tokenizer, UserError,
-                  answer_text, encode_chat, epoch_batches, image_tokens, normalize_record, prompt_content,
+                  answer_text, encode_chat, image_tokens, normalize_record, prompt_content,
                   read_records, run_cli)
 from grpo import aggregate, group_advantages, kl_k3, policy_loss, response_mask, token_logprobs, total_reward
 from hub import check_model_folder
@@ -662,7 +662,7 @@ def step_prompts(run: Run, step: int, pbar):
     P = args.prompts_per_step
     share = P // dctx.world
     epoch, k = divmod(step, run.steps_per_epoch)
-    batch = epoch_batches(run.ds.lengths, P, args.seed, epoch, group_by_length=False)[k]
+    batch = training.epoch_batches(run.ds.lengths, P, args.seed, epoch, group_by_length=False)[k]
     encs, group_ids, bad = [], [], []
     for j, i in enumerate(batch[dctx.rank * share:(dctx.rank + 1) * share]):
         try:

@@ -66,8 +66,7 @@ from torch.utils.checkpoint import checkpoint
 
 import training
 import vas
-from data import (IGNORE, IMAGE, DataError, ImageProcessor, SFTDataset, Tokenizer, UserError, collate, epoch_batches,
-                  micro_batches, run_cli)
+from data import IGNORE, IMAGE, DataError, ImageProcessor, SFTDataset, Tokenizer, UserError, collate, run_cli
 from hub import check_model_folder
 
 parser = argparse.ArgumentParser(description="Cold-start SFT of Qwen2.5-VL with the attention-guided objective",
@@ -336,8 +335,10 @@ def step_batches(run: Run):
     args, step = run.args, run.start
     while True:  # one epoch (or its rest) per pass
         epoch, k = divmod(step, run.steps_per_epoch)
-        batches = epoch_batches(run.ds.lengths, args.batch_size, args.seed, epoch, not args.no_group_by_length)
-        sampler = [mb for b in batches[k:] for mb in micro_batches(b, args.micro_batch, run.dctx.rank, run.dctx.world)]
+        batches = training.epoch_batches(run.ds.lengths, args.batch_size, args.seed, epoch,
+                                         not args.no_group_by_length)
+        sampler = [mb for b in batches[k:]
+                   for mb in training.micro_batches(b, args.micro_batch, run.dctx.rank, run.dctx.world)]
         loader = iter(torch.utils.data.DataLoader(
             run.ds, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=run.dctx.device.type == "cuda",
             collate_fn=partial(collate, pad_id=run.tok.pad_id)))

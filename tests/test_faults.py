@@ -23,7 +23,8 @@ import evaluate as E
 import train_grpo as tg
 import train_sft
 import training
-from data import DataError, ImageProcessor, SFTDataset, Tokenizer, epoch_batches, micro_batches
+from data import DataError, ImageProcessor, SFTDataset, Tokenizer
+from training import epoch_batches, micro_batches
 from model import from_pretrained
 from test_grpo import make_model_dir, token_parity_reward
 

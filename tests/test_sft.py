@@ -20,9 +20,9 @@ import train_sft
 import training
 import vas
 from conftest import make_hf_model
-from data import (IGNORE, IMAGE, PAD_ROLE, DataError, ImageProcessor, SFTDataset, Tokenizer, collate,
-                  epoch_batches, micro_batches)
+from data import IGNORE, IMAGE, PAD_ROLE, DataError, ImageProcessor, SFTDataset, Tokenizer, collate
 from model import from_pretrained
+from training import epoch_batches, micro_batches
 from toy import make_byte_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -595,3 +595,24 @@ def test_synthesized_records_train_with_train_sft(api, tmp_path):
     metrics = _read_jsonl(run / "metrics.jsonl")
     assert len(metrics) == 2 and all(m["n_tokens"] > 0 for m in metrics)
     assert (run / "latest").read_text().strip() == "step_2"
+
+
+def test_teachers_see_transparent_images_composited_on_white(tmp_path):
+    """A chart PNG with transparency reaches every teacher stage as transformers' processor sees it:
+    alpha composited on white (transparent red pixels are white, not red)."""
+    raw = _write_raw(tmp_path, ["ok1"])
+    rgba = np.zeros((30, 40, 4), dtype=np.uint8)
+    rgba[..., 0] = 255                  # red everywhere ...
+    rgba[:, 20:, 3] = 255               # ... opaque on the right half, transparent on the left
+    Image.fromarray(rgba, "RGBA").save(raw.parent / "imgs" / "ok1.png")
+    seen = []
+
+    class Recording(ScriptedTeacher):
+        def chat(self, messages, images):
+            seen.extend(np.asarray(im) for im in images)
+            return super().chat(messages, images)
+
+    assert syn.synthesize(raw, tmp_path / "out.jsonl", Recording())["done"] == 1
+    assert seen and all(px.shape == (30, 40, 3) for px in seen)
+    for px in seen:
+        assert (px[:, :20] == 255).all() and (px[:, 20:] == [255, 0, 0]).all()
