@@ -36,14 +36,26 @@ import argparse
 import json
 import math
 import os
+import random
 import shlex
 import shutil
 import subprocess
 import sys
 import time
 
+import torch
+from PIL import Image, ImageDraw
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # the project's modules, beside which the commands below run
+
+import data  # noqa: E402
+import toy  # noqa: E402
+import vas  # noqa: E402
+from data import build_prompt  # noqa: E402
+from hub import resolve_checkpoint  # noqa: E402
+from model import from_pretrained  # noqa: E402
+from vas import betainc, pearson  # noqa: E402
 
 MAIN_ARMS = ["base", "sft_multimodal", "sft_text_only", "sft_avar", "grpo_plain", "grpo_visual"]
 ABLATIONS = ["sft_anchored", "sft_avar_paper", "grpo_visual_ratio"]
@@ -63,7 +75,6 @@ def run(cmd, log=None):
 def t_quantile(df, level=0.95):
     """The two-sided Student t quantile: t with P(|T| > t) = 1 - level, by bisection on
     P(|T| > t) = I_{df / (df + t^2)}(df / 2, 1 / 2) (vas.betainc, the p value of vas.pearson_p)."""
-    from vas import betainc
 
     lo, hi = 0.0, 1e3
     for _ in range(200):
@@ -120,15 +131,6 @@ def probe(model_dirs, n_train=600, n_test=300, seed=0, steps=300):
     i: a place is known by which token carries the shape) and mean-pooled (the place must be in the
     features themselves; the LM sees the tokens through attention, which is a weighted mean, with
     their M-RoPE positions). Chance: shape 1/3, side 1/2, taller 1/2, colour 1/5, count 1/4."""
-    import random
-
-    import torch
-
-    import data
-    import toy
-    from hub import resolve_checkpoint
-    from model import from_pretrained
-
     props = {"color": ("color", lambda f: list(toy.TOY_COLORS).index(f["shapes"][0]["color"])),
              "shape": ("shape", lambda f: toy.TOY_SHAPES.index(f["shapes"][0]["kind"])),
              "count": ("count", lambda f: f["count"] - 1),
@@ -171,12 +173,6 @@ def caption_check(model_dir, toy):
     the % of captions that state the fact each family asks for (its colour, its shape, how many,
     which side, which bar is taller). Separates seeing from answering: a fact the model names in
     its caption but misses in the question is lost in the answer, not in perception."""
-    import torch
-
-    import data
-    import toy
-    from model import from_pretrained
-
     model = from_pretrained(model_dir, dtype=torch.float32, device="cpu").eval()
     tok, proc = data.Tokenizer(model_dir), data.ImageProcessor.from_pretrained(model_dir)
     world = json.load(open(os.path.join(toy, "toy_world.json")))
@@ -202,13 +198,6 @@ def caption_check(model_dir, toy):
 def system_share(model_dir, toy, n=64):
     """Mean share of the user turn's attention that goes to the system turn (over layers, heads,
     query tokens and n held-out prompts): the quantity --agto-sys-floor bounds."""
-    import torch
-
-    import data
-    import vas
-    from hub import resolve_checkpoint
-    from model import from_pretrained
-
     model = from_pretrained(model_dir, dtype=torch.float32, device="cpu").eval()
     model_dir = resolve_checkpoint(model_dir)  # a run folder: its latest checkpoint
     tok, proc = data.Tokenizer(model_dir), data.ImageProcessor.from_pretrained(model_dir)
@@ -248,12 +237,10 @@ def nice_ticks(lo, hi, n=5):
 
 def scatter_png(points, path, title, corr):
     """VAS (x) against accuracy (y), one dot per checkpoint, coloured by arm; a legend and axes."""
-    from PIL import Image, ImageDraw
-
     W, H, L, R, T, B = 900, 560, 70, 230, 40, 60
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    xs = [p[1] for p in points]
     x0, x1 = min(xs), max(xs)
     pad = 0.05 * (x1 - x0 or 1)
     x0, x1 = x0 - pad, x1 + pad
@@ -464,8 +451,6 @@ def main():
         print(f"seed {s} done after {(time.time() - t_start) / 60:.1f} min", flush=True)
 
     # 2. summaries over seeds
-    from vas import pearson
-
     arms = {}
     for name, rs in runs.items():
         arms[name] = {"runs": rs, "summary": {
@@ -527,7 +512,6 @@ def main():
                     os.path.join(args.results, "vas_vs_accuracy.png"),
                     "VAS vs accuracy, one dot per checkpoint (toy world)", correlation)
     rec = [json.loads(l) for l in open(os.path.join(toy, "eval.jsonl"))][2]  # a count problem (round robin)
-    from data import build_prompt
     for arm, model in (("base", bases[args.seeds[0]]), ("sft_avar", os.path.join(out, f"sft_avar_s{args.seeds[0]}"))):
         run([py, "vas.py", "--model", model, "--image", os.path.join(toy, rec["images"][0]), "--question",
              build_prompt(rec), "--out", os.path.join(args.results, f"heatmap_{arm}.png")],
