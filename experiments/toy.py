@@ -37,6 +37,8 @@ import logging
 import os
 import random
 import re
+import shutil
+import subprocess
 import sys
 
 from PIL import Image, ImageDraw
@@ -47,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from data import (DEFAULT_SYSTEM, QWEN_SPECIAL_TOKENS, ImageProcessor, Tokenizer, build_prompt,  # noqa: E402
                   format_question, option_letter, run_cli)
+from hub import resolve_checkpoint  # noqa: E402
 from model import Config, Qwen2_5_VL, VisionConfig, init_weights, save_pretrained  # noqa: E402
 from synthesize import DESCRIBE_PROMPT, REASON_PROMPT, Teacher, TeacherError, synthesize  # noqa: E402
 
@@ -553,11 +556,6 @@ def pretrain_toy_model(toy_dir, init_dir, out_dir, seed=0, epochs=TOY_PRETRAIN["
     pretrain.json (these settings and the final LM loss). The run itself stays in out_dir + ".run".
     Like a real base model it reads images before any cold-start, and it grows the attention sink
     on the system turn that VAS divides by (the README measures it)."""
-    import shutil
-    import subprocess
-
-    from hub import resolve_checkpoint
-
     run_dir = os.path.abspath(out_dir) + ".run"
     train_sft = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_sft.py")
     subprocess.run([sys.executable, train_sft, "--data", os.path.join(toy_dir, "pretrain.jsonl"), "--model", init_dir,
