@@ -443,9 +443,14 @@ def correlate(paths) -> dict:
     attention at all on the system turn), is listed but left out of r."""
     files = []
     for path in paths:
-        preds = read_predictions(path)
+        if not Path(path).is_file():
+            raise UserError(f"{path}: predictions file does not exist")
+        try:
+            preds = read_predictions(path)
+        except ValueError as e:  # a bad line, named
+            raise UserError(str(e)) from None
         if not preds:
-            raise ValueError(f"{path}: no predictions")
+            raise UserError(f"{path}: no predictions")
         row = summarize(preds)
         row["file"] = str(path)
         files.append(row)

@@ -72,6 +72,7 @@ def files(tmp_path_factory):
     (root / "empty.tsv").write_text("index\tquestion\tanswer\timage_path\n")
     (root / "empty.jsonl").write_text("\n")
     (root / "no_images.tsv").write_text("index\tquestion\tanswer\n0\tWhat is 2+3?\t5\n")
+    (root / "cut_preds.jsonl").write_text('{"id": "0", "correct": true, "vas": 1.0}\nnot json\n{"id": "1"}\n')
     (root / "bench.jsonl").write_text(json.dumps({"id": "0", "images": ["a.png"], "question": "Which?",
                                                   "answer": "grey"}) + "\n")
     return root
@@ -115,6 +116,8 @@ CASES = {  # name: (command, the file the message must name)
     "eval not a checkpoint": (EVAL + ["--model", "{root}/not_a_checkpoint", "--bench", "{root}/bench.jsonl"],
                               "not_a_checkpoint"),
     "eval shape mismatch": (EVAL + ["--model", "{root}/mismatch", "--bench", "{root}/bench.jsonl"], "mismatch"),
+    "correlate missing predictions": (["evaluate.py", "--correlate", "{root}/nope_preds.jsonl"], "nope_preds.jsonl"),
+    "correlate bad predictions line": (["evaluate.py", "--correlate", "{root}/cut_preds.jsonl"], "cut_preds.jsonl"),
     "vas missing image": (VAS + ["--model", "{root}/model", "--image", "{root}/nope.png"], "nope.png"),
     "vas missing tokenizer": (VAS + ["--model", "{root}/no_tokenizer", "--image", "{root}/a.png"], "tokenizer.json"),
     "vas truncated safetensors": (VAS + ["--model", "{root}/truncated", "--image", "{root}/a.png"],
