@@ -374,14 +374,13 @@ def save_checkpoint(model, optimizer, dctx: Dist, out: str, step: int, state: di
     but the last keep_last checkpoints. Every rank calls this (the state dicts are gathered
     collectively); rank 0 writes. `source_dir`: the folder the run loaded (its dtype and hub files
     are kept); `state`: the run's position, to which the optimizer and RNG states are added."""
-    if dctx.fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        msd = get_model_state_dict(model, options=opts)
-        osd = get_optimizer_state_dict(model, optimizer, options=opts)
-    else:
-        msd, osd = model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts) if dctx.fsdp else model.state_dict()
+    # The optimizer state keyed by parameter name (not by index) in one and several processes
+    # alike, so that a run started in one process resumes under FSDP and back.
+    osd = get_optimizer_state_dict(model, optimizer, options=opts)
     rng = {"cpu": torch.get_rng_state()}
     if dctx.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(dctx.device)
@@ -459,10 +458,10 @@ def restore_train_state(ckpt: str, state: dict, model, optimizer, dctx: Dist, ex
             set_model_state_dict(model, state["model"], options=opts)
         else:
             model.load_state_dict(state["model"])
-    if dctx.fsdp:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+    if not dctx.fsdp and all(isinstance(k, int) for k in state["optimizer"]["state"]):
+        optimizer.load_state_dict(state["optimizer"])  # a one-process state keyed by index (older saves)
     else:
-        optimizer.load_state_dict(state["optimizer"])
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
     if state["world_size"] == dctx.world:
         rng = state["rng"][dctx.rank]
         torch.set_rng_state(rng["cpu"])

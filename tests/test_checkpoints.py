@@ -262,7 +262,8 @@ def test_kill_inside_a_save_keeps_latest_on_a_complete_checkpoint(world, sft_ref
 def test_fsdp_resume_restores_the_float32_master_weights(world, tmp_path):
     """Two FSDP processes (torchrun, gloo): 4 steps with bf16 checkpoints at 2 and 4; the run
     resumed from step_2 (its float32 master weights sharded from train_state/step_2.pt) repeats
-    steps 3 and 4. The state was gathered from the shards (full float32 master weights)."""
+    steps 3 and 4. The state was gathered from the shards (full float32 master weights). A run
+    resumes across modes too: FSDP -> one process, and one process -> FSDP."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 
     def torchrun(out, *extra):
@@ -281,7 +282,33 @@ def test_fsdp_resume_restores_the_float32_master_weights(world, tmp_path):
     shutil.rmtree(a / "step_4")
     os.remove(a / "train_state" / "step_4.pt")
     (a / "latest").write_text("step_2\n")
+    b = tmp_path / "b"  # a copy of the run as it stood at step 2, for the cross-mode resume below
+    shutil.copytree(a, b)
     got = torchrun(a, "--resume")
     assert [m["step"] for m in got] == [1, 2, 3, 4]
     for m, r in zip(got[2:], ref[2:]):
         assert abs(m["loss"] - r["loss"]) <= 1e-6 * abs(r["loss"]), (m, r)
+
+    # Across modes (the optimizer state is keyed by parameter name in both): the FSDP run's step 2
+    # resumed in one process, and a one-process run's step 2 resumed under FSDP. The same steps
+    # follow; only the order of the sums differs.
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_sft.py"),
+                        *sft_args(world, b, "--micro-batch", "1", "--resume")],
+                       env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-4000:]
+    one = [json.loads(line) for line in open(b / "metrics.jsonl")]
+    assert [m["step"] for m in one] == [1, 2, 3, 4]
+    for m, r in zip(one[2:], ref[2:]):
+        assert abs(m["loss"] - r["loss"]) <= 1e-5 * abs(r["loss"]), (m, r)
+    c = tmp_path / "c"  # a one-process run, cut back to step 2 and resumed under FSDP
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_sft.py"),
+                        *sft_args(world, c, "--micro-batch", "1")],
+                       env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-4000:]
+    shutil.rmtree(c / "step_4")
+    os.remove(c / "train_state" / "step_4.pt")
+    (c / "latest").write_text("step_2\n")
+    fsdp = torchrun(c, "--resume")
+    assert [m["step"] for m in fsdp] == [1, 2, 3, 4]
+    for m, r in zip(fsdp[2:], ref[2:]):
+        assert abs(m["loss"] - r["loss"]) <= 1e-5 * abs(r["loss"]), (m, r)
