@@ -60,3 +60,13 @@ def hf_tied(tmp_path_factory):
     d = tmp_path_factory.mktemp("tied")
     m.save_pretrained(d)
     return m, str(d)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot:
+    a module that asks for it (pytestmark) runs on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -36,12 +36,7 @@ CARRIED = ["chat_template.jinja", "generation_config.json", "merges.txt", "token
            "tokenizer_config.json", "vocab.json"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def make_bf16_hub_folder(path):

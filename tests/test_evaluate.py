@@ -56,14 +56,7 @@ def write_jsonl(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: on a shared 2-core machine a second intra-op thread costs far more in waiting
-    than it gains (seen: 30x slower under load). Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -33,12 +33,7 @@ COLORS = ["red", "green", "blue"]
 TIMING = ("tokens_per_s", "time_rollout", "time_reward", "step_time", "gen_tokens_per_s", "train_tokens_per_s")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def save_image(path, seed, fmt):

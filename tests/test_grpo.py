@@ -31,14 +31,7 @@ COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 TIMING = ("time_rollout", "time_reward", "step_time", "gen_tokens_per_s", "train_tokens_per_s")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast, and immune to a busy machine (idle OpenMP
-    threads spinning against other processes made a 32-wide matmul 70x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def save_png(path, color, size=(56, 56)):
