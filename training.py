@@ -4,6 +4,7 @@ optimizer, the checked update, and checkpoints that a killed run resumes from ex
     Dist               the process group as a run sees it (rank, world, device, FSDP on/off), its
                        print0 and the few collectives the loops use; `distributed(...)` sets it up
     balanced_chunks    micro-batches padded with dummy passes: every process runs as many forwards
+    epoch_batches, micro_batches   the data order, a function of (seed, epoch): resume stays exact
     load_for_training  float32 master weights, checked against the tokenizer
     prepare_model      FSDP2 units (each vision block, each decoder layer, the root) with bf16
                        compute and float32 gradient reduction; bf16 autocast in one process
