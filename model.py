@@ -468,7 +468,9 @@ class TextModel(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Built from an empty table, not nn.Embedding's own normal_ init: every path fills it (from_pretrained,
+        # init_weights), and that init's first call imports torch._dynamo, seconds at every process start.
+        self.embed_tokens = nn.Embedding.from_pretrained(torch.empty(cfg.vocab_size, cfg.hidden_size), freeze=False)
         self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
