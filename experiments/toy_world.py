@@ -34,17 +34,14 @@ machine that is faster than two threads fighting over the cores.
 
 import argparse
 import json
-import math
 import os
 import random
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 
 import torch
-from PIL import Image, ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's modules, beside which the commands below run
@@ -55,49 +52,13 @@ import vas  # noqa: E402
 from data import build_prompt  # noqa: E402
 from hub import resolve_checkpoint  # noqa: E402
 from model import from_pretrained  # noqa: E402
-from vas import betainc, pearson  # noqa: E402
+from common import fmt_ci, fmt_vas, mean_ci, run, scatter_png, update_readme  # noqa: E402
+from vas import pearson  # noqa: E402
 
 MAIN_ARMS = ["base", "sft_multimodal", "sft_text_only", "sft_avar", "grpo_plain", "grpo_visual"]
 ABLATIONS = ["sft_anchored", "sft_avar_paper", "grpo_visual_ratio"]
 RESULTS = os.path.join(ROOT, "experiments", "results")
 README_BEGIN, README_END = "<!-- toy-world results: begin -->", "<!-- toy-world results: end -->"
-
-
-def run(cmd, log=None):
-    print("+", " ".join(cmd), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    with open(log, "w") if log else open(os.devnull, "w") as f:
-        subprocess.run(cmd, check=True, env=env, stdout=f, stderr=subprocess.STDOUT)
-
-
-# ---- statistics ------------------------------------------------------------------------------
-
-def t_quantile(df, level=0.95):
-    """The two-sided Student t quantile: t with P(|T| > t) = 1 - level, by bisection on
-    P(|T| > t) = I_{df / (df + t^2)}(df / 2, 1 / 2) (vas.betainc, the p value of vas.pearson_p)."""
-
-    lo, hi = 0.0, 1e3
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if betainc(df / 2, 0.5, df / (df + mid * mid)) > 1 - level:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
-
-
-def mean_ci(values, level=0.95):
-    """Mean and its t-interval over seeds: mean +- t_{df = n - 1} * sd / sqrt(n)."""
-    xs = [float(v) for v in values if v is not None and math.isfinite(v)]
-    n = len(xs)
-    if n == 0:
-        return {"mean": None, "ci_low": None, "ci_high": None, "n": 0}
-    m = sum(xs) / n
-    if n == 1:
-        return {"mean": m, "ci_low": None, "ci_high": None, "n": 1}
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-    half = t_quantile(n - 1, level) * sd / math.sqrt(n)
-    return {"mean": m, "ci_low": m - half, "ci_high": m + half, "n": n}
 
 
 # ---- evaluation results -------------------------------------------------------------------
@@ -224,79 +185,7 @@ ARM_COLOURS = {"base": (40, 40, 40), "sft_multimodal": (31, 119, 180), "sft_text
                "sft_anchored": (140, 86, 75), "sft_avar_paper": (227, 119, 194), "grpo_visual_ratio": (127, 127, 127)}
 
 
-def nice_ticks(lo, hi, n=5):
-    span = hi - lo if hi > lo else 1.0
-    step = 10 ** math.floor(math.log10(span / n))
-    for m in (1, 2, 5, 10):
-        if span / (m * step) <= n:
-            step *= m
-            break
-    start = math.floor(lo / step) * step
-    return [start + i * step for i in range(int((hi - start) / step) + 2) if start + i * step <= hi + 1e-9]
-
-
-def scatter_png(points, path, title, corr):
-    """VAS (x) against accuracy (y), one dot per checkpoint, coloured by arm; a legend and axes."""
-    W, H, L, R, T, B = 900, 560, 70, 230, 40, 60
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    xs = [p[1] for p in points]
-    x0, x1 = min(xs), max(xs)
-    pad = 0.05 * (x1 - x0 or 1)
-    x0, x1 = x0 - pad, x1 + pad
-    y0, y1 = 0.0, 100.0
-
-    def px(x, y):
-        return L + (x - x0) / (x1 - x0) * (W - L - R), H - B - (y - y0) / (y1 - y0) * (H - T - B)
-
-    d.rectangle((L, T, W - R, H - B), outline="black")
-    for t in nice_ticks(x0, x1):
-        if x0 <= t <= x1:
-            x, _ = px(t, 0)
-            d.line((x, H - B, x, H - B + 5), fill="black")
-            d.text((x - 12, H - B + 8), f"{t:.3g}", fill="black")
-    for t in range(0, 101, 20):
-        _, y = px(x0, t)
-        d.line((L - 5, y, L, y), fill="black")
-        d.line((L, y, W - R, y), fill=(230, 230, 230))
-        d.text((L - 30, y - 6), f"{t}", fill="black")
-    d.text(((L + W - R) // 2 - 100, H - 28), "VAS (held-out prompts, all layers and heads)", fill="black")
-    d.text((8, T - 28), "accuracy %", fill="black")
-    d.text((L + 90, 10), title, fill="black")
-    for arm, x, y in points:
-        cx, cy = px(x, y)
-        d.ellipse((cx - 5, cy - 5, cx + 5, cy + 5), fill=ARM_COLOURS.get(arm, (0, 0, 0)), outline="black")
-    arms = [a for a in ARM_COLOURS if any(p[0] == a for p in points)]
-    for i, arm in enumerate(arms):
-        y = T + 10 + 22 * i
-        d.ellipse((W - R + 15, y, W - R + 25, y + 10), fill=ARM_COLOURS[arm], outline="black")
-        d.text((W - R + 32, y - 1), arm, fill="black")
-    d.text((W - R + 15, T + 20 + 22 * len(arms)), f"Pearson r = {corr['r']:.3f}" if corr["r"] is not None else "r: -",
-           fill="black")
-    d.text((W - R + 15, T + 36 + 22 * len(arms)), f"p = {corr['p']:.2g}, n = {corr['n']}" if corr["p"] is not None
-           else "", fill="black")
-    img.save(path)
-
-
 # ---- the README section ---------------------------------------------------------------------
-
-def fmt_ci(s, digits=1):
-    if s["mean"] is None:
-        return "-"
-    if s["ci_low"] is None:
-        return f"{s['mean']:.{digits}f}"
-    return f"{s['mean']:.{digits}f} [{s['ci_low']:.{digits}f}, {s['ci_high']:.{digits}f}]"
-
-
-def fmt_vas(s):
-    if s["mean"] is None:
-        return "-"
-    d = 3 if abs(s["mean"]) < 10 else 1
-    if abs(s["mean"]) >= 1e4:
-        lo = "" if s["ci_low"] is None else f" [{s['ci_low']:.3g}, {s['ci_high']:.3g}]"
-        return f"{s['mean']:.3g}{lo}"
-    return fmt_ci(s, d)
-
 
 def readme_section(res):
     """The README's toy-world tables, from toy_world.json alone."""
@@ -353,17 +242,6 @@ def readme_section(res):
               "![attention on the image, base model](experiments/results/heatmap_base.png)", "",
               "![attention on the image, sft_avar](experiments/results/heatmap_sft_avar.png)", "", README_END]
     return "\n".join(lines)
-
-
-def update_readme(section, path=os.path.join(ROOT, "README.md")):
-    text = open(path).read()
-    if README_BEGIN in text and README_END in text:
-        head, rest = text.split(README_BEGIN, 1)
-        text = head + section + rest.split(README_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(path, "w") as f:
-        f.write(text)
 
 
 # ---- the experiment -------------------------------------------------------------------------
@@ -510,7 +388,7 @@ def main():
     if correlation["r"] is not None:
         scatter_png(main_pts + [pt for pt in all_pts if pt[0] in ABLATIONS and abs(pt[1]) < 1e3],  # not VAS ~1e13
                     os.path.join(args.results, "vas_vs_accuracy.png"),
-                    "VAS vs accuracy, one dot per checkpoint (toy world)", correlation)
+                    "VAS vs accuracy, one dot per checkpoint (toy world)", correlation, ARM_COLOURS)
     rec = [json.loads(l) for l in open(os.path.join(toy, "eval.jsonl"))][2]  # a count problem (round robin)
     for arm, model in (("base", bases[args.seeds[0]]), ("sft_avar", os.path.join(out, f"sft_avar_s{args.seeds[0]}"))):
         run([py, "vas.py", "--model", model, "--image", os.path.join(toy, rec["images"][0]), "--question",
@@ -518,7 +396,7 @@ def main():
             log=os.path.join(out, f"heatmap_{arm}.log"))
     section = readme_section(res)
     if not args.no_readme:
-        update_readme(section)
+        update_readme(section, README_BEGIN, README_END)
     print(section)
 
 

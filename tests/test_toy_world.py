@@ -154,11 +154,11 @@ def test_sft_warns_when_the_system_mass_sits_at_its_floor(tiny_sft, tmp_path, ca
 
 def test_t_interval_matches_the_t_table():
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    import toy_world
+    import common
 
     # two-sided 95% quantiles of Student's t (any statistics table)
     for df, t in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423)):
-        assert toy_world.t_quantile(df) == pytest.approx(t, abs=1e-4)
-    s = toy_world.mean_ci([60.0, 70.0, 80.0])  # sd 10, n 3: half width 4.3027 * 10 / sqrt(3)
+        assert common.t_quantile(df) == pytest.approx(t, abs=1e-4)
+    s = common.mean_ci([60.0, 70.0, 80.0])  # sd 10, n 3: half width 4.3027 * 10 / sqrt(3)
     assert s["mean"] == 70.0 and s["ci_high"] - 70.0 == pytest.approx(4.302653 * 10 / 3 ** 0.5, rel=1e-5)
-    assert toy_world.mean_ci([5.0])["ci_low"] is None and toy_world.mean_ci([])["mean"] is None
+    assert common.mean_ci([5.0])["ci_low"] is None and common.mean_ci([])["mean"] is None
