@@ -35,7 +35,7 @@ import urllib.request
 import numpy as np
 import torch
 from PIL import Image
-from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import AddedToken, Tokenizer as HFTokenizer
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,6 +104,22 @@ class Tokenizer:
          self.image_pad_id) = ids
         self.pad_id = self.endoftext_id
         self.stop_ids = (self.im_end_id, self.endoftext_id)
+        self.added_special, self.added_ids = [], []  # add_special_tokens: what this run asked for, new ids
+        self._derive()
+
+    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+        """Add `tokens` as special tokens, as LLaMA-Factory's `new_special_tokens` (transformers'
+        add_special_tokens, extending the additional special tokens): a token not yet in the vocabulary
+        takes the id after the last one, one already there keeps its id. Returns the new ids
+        (hub.write_special_tokens writes the tokens into a folder's files)."""
+        new = [t for t in dict.fromkeys(tokens) if self.tok.token_to_id(t) is None]
+        self.tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+        self.added_special = list(dict.fromkeys(self.added_special + list(tokens)))
+        self.added_ids += [self.tok.token_to_id(t) for t in new]
+        self._derive()
+        return self.added_ids[len(self.added_ids) - len(new):]
+
+    def _derive(self):
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         # for record text: the same tokenizer (same ids) in which only the control tokens are
         # "special", encoded with encode_special_tokens (tokenizers' split_special_tokens): those
