@@ -261,23 +261,26 @@ def format_question(question, options=None, instruction=MC_INSTRUCTION):
     return "\n".join([question, *lines, instruction])
 
 
-def build_prompt(record: dict) -> str:
-    """The user-turn text: question, "A. text" option lines, then the answer instruction.
-    (The image placeholders are added by the chat template, not here.)"""
-    lines = [record["question"].strip()]
-    if not record.get("options_in_question"):
-        lines += [f"{option_letter(i)}. {opt}" for i, opt in enumerate(record.get("options") or [])]
+def build_prompt(record: dict, format_prompt=None) -> str:
+    """The user-turn text: question, "A. text" option lines, then the answer instruction; or, with
+    `format_prompt` (release.FormatPrompt: EasyR1's jinja), its rendering of the question and the
+    option lines in place of the instruction. (Image placeholders come from the chat template.)"""
+    options = [] if record.get("options_in_question") else record.get("options") or []
+    lines = [f"{option_letter(i)}. {opt}" for i, opt in enumerate(options)]
+    if format_prompt is not None:
+        return format_prompt("\n".join([record["question"].strip() if lines else record["question"], *lines]))
+    lines = [record["question"].strip(), *lines]
     instruction = ANSWER_INSTRUCTION
     if record.get("options") or record.get("answer_type") == "multi_choice":
         instruction += " " + MC_INSTRUCTION
     return "\n".join(lines) + "\n" + instruction
 
 
-def prompt_content(record: dict) -> list[dict]:
+def prompt_content(record: dict, format_prompt=None) -> list[dict]:
     """The user turn's content parts: the record's images, then build_prompt(record). A training
     record whose question places its images with `<image>` (`image_placeholders` true, set by
     train_grpo's reader) keeps each image where its placeholder is."""
-    text = build_prompt(record)
+    text = build_prompt(record, format_prompt)
     if record.get("image_placeholders"):
         return split_placeholders(text)
     return [{"type": "image"} for _ in record["images"]] + [{"type": "text", "text": text}]
