@@ -743,13 +743,15 @@ class SFTDataset(torch.utils.data.Dataset):
     skip_bad:    drop invalid records and count them, instead of stopping with the list of errors.
     max_errors:  how many errors the message lists (all are counted).
     check_images "header" (size from the header, fast) or "full" (decode every image now).
+    records:     (where, obj, error) in place of read_records(path) (release.dataset_records: the
+                 datasets of a dataset_info.json, `path` naming them), image paths absolute.
     """
 
     def __init__(self, path: str, tok: Tokenizer, improc: ImageProcessor, max_len: int | None = None,
                  on_long: str = "drop", skip_bad: bool = False, max_errors: int = 20,
-                 check_images: str = "header"):
+                 check_images: str = "header", records=None):
         assert on_long in ("drop", "error") and check_images in ("header", "full")
-        if not os.path.exists(path):
+        if records is None and not os.path.exists(path):
             raise DataError(f"{path}: data file does not exist")
         self.path, self.tok, self.improc = path, tok, improc
         self.records, self.lengths, self.n_images = [], [], []  # lengths: tokens, image tokens included
@@ -757,7 +759,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self.stats = {"lines": 0, "kept": 0, "bad": 0, "too_long": 0, "with_images": 0, "text_only": 0}
         base = os.path.dirname(os.path.abspath(path))
         tokens_of = functools.cache(lambda src: image_tokens(src, improc, check_images))  # a shared image: read once
-        for where, obj, error in read_records(path):  # JSON lines or a JSON array
+        for where, obj, error in read_records(path) if records is None else records:  # JSON lines or an array
             self.stats["lines"] += 1
             try:
                 if error is not None:

@@ -64,6 +64,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import release
 import training
 import vas
 from data import IGNORE, IMAGE, DataError, ImageProcessor, SFTDataset, Tokenizer, UserError, collate, run_cli
@@ -71,8 +72,13 @@ from hub import check_model_folder
 
 parser = argparse.ArgumentParser(description="Cold-start SFT of Qwen2.5-VL with the attention-guided objective",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                    help="LLaMA-Factory's SFT YAML (the release's avar_sft.yaml) as the settings, the flags given here "
+                         "overriding it (release.sft_settings; needs pyyaml)")
 # data
-parser.add_argument("--data", default="toy/sft.jsonl", help="SFT records, JSON lines or a .json array (OpenAI/TRL, LLaMA-Factory, flat/EasyR1 forms)")
+parser.add_argument("--data", default="toy/sft.jsonl",
+                    help="SFT records, JSON lines or a .json array (OpenAI/TRL, LLaMA-Factory, flat/EasyR1 forms); "
+                         "or DIR/dataset_info.json:NAME[,NAME...], LLaMA-Factory's datasets by name")
 parser.add_argument("--model", default="toy/model", help="Hugging Face folder: config, safetensors, tokenizer.json")
 parser.add_argument("--out", default="runs/sft", help="checkpoints, metrics.jsonl, run_config.json")
 parser.add_argument("--max-len", type=int, default=8192, help="longest sequence in tokens, image tokens included")
@@ -242,10 +248,26 @@ class Run:
 
 
 def main(argv=None):
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data-loader workers fork after the tokenizer ran
     with training.distributed(args.device, args.fsdp) as dctx:
         return train(args, dctx)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; with --config FILE, the file's settings (release.sft_settings) in place of the
+    defaults, so that every flag given overrides the file."""
+    config = parser.parse_known_args(argv)[0].config
+    if config is None:
+        return parser.parse_args(argv)
+    settings, ignored = release.sft_settings(config)
+    if ignored and os.environ.get("RANK", "0") == "0":
+        print(f"--config {config}: ignored (they cannot change the result here): {', '.join(ignored)}", flush=True)
+    args = parser.parse_args(argv, namespace=argparse.Namespace(**settings))  # argparse keeps what is set
+    if args.data is None:
+        raise UserError(f"{config}: `dataset` names no dataset (LLaMA-Factory's names in dataset_dir's "
+                        "dataset_info.json), nor does --data")
+    return args
 
 
 def setup(args, dctx) -> Run:
@@ -267,8 +289,9 @@ def setup(args, dctx) -> Run:
     if args.new_special_tokens:
         add_special_tokens(tok, args.new_special_tokens, dctx)
     improc = ImageProcessor.from_pretrained(model_dir, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    records = release.dataset_records(args.data) if release.is_dataset_spec(args.data) else None
     ds = SFTDataset(args.data, tok, improc, args.max_len, args.on_long, args.skip_bad, args.max_errors,
-                    args.check_images)
+                    args.check_images, records)
     dctx.print0(ds.summary())
     if ds.stats["bad"]:
         dctx.print0(f"--skip-bad: dropped {ds.stats['bad']} invalid records, e.g.\n  " + "\n  ".join(ds.errors[:5]))
