@@ -83,7 +83,6 @@ def read_format_prompt(path: str) -> FormatPrompt:
     return FormatPrompt(path, source, jinja2.Template(source))
 
 
-
 # --------------------------------------------------------------------------------------------
 # LLaMA-Factory's SFT YAML
 # --------------------------------------------------------------------------------------------
