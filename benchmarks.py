@@ -407,14 +407,15 @@ def _check_file(p: Path, where: str) -> None:
 
 # ---- one record as the model's input ----
 
-def encode_record(tok: Tokenizer, proc: ImageProcessor, record: dict) -> dict:
+def encode_record(tok: Tokenizer, proc: ImageProcessor, record: dict, format_prompt=None) -> dict:
     """One question in the training format: default system turn, then a user turn holding the
-    record's images followed by build_prompt(record), then the assistant header.
+    record's images followed by build_prompt(record, format_prompt), then the assistant header.
     Returns input_ids (T,), roles (T,), pixel_values (N, 1176) or None, image_grid_thw (n, 3) or None."""
     images = load_images(record)
     names = [f"{record.get('benchmark')}: id {record['id']}: image {i}" for i in range(len(images))]
     pixel_values, grid = proc(images, names) if images else (None, None)
     n_tokens = [int(g.prod()) // proc.merge ** 2 for g in grid] if grid is not None else []
-    enc = encode_chat(tok, [{"role": "user", "content": prompt_content(record)}], n_tokens, add_generation_prompt=True)
+    enc = encode_chat(tok, [{"role": "user", "content": prompt_content(record, format_prompt)}], n_tokens,
+                      add_generation_prompt=True)
     return {"input_ids": enc["input_ids"], "roles": enc["roles"], "pixel_values": pixel_values,
             "image_grid_thw": grid}

@@ -35,7 +35,7 @@ import urllib.request
 import numpy as np
 import torch
 from PIL import Image
-from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import AddedToken, Tokenizer as HFTokenizer
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,6 +104,22 @@ class Tokenizer:
          self.image_pad_id) = ids
         self.pad_id = self.endoftext_id
         self.stop_ids = (self.im_end_id, self.endoftext_id)
+        self.added_special, self.added_ids = [], []  # add_special_tokens: what this run asked for, new ids
+        self._derive()
+
+    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+        """Add `tokens` as special tokens, as LLaMA-Factory's `new_special_tokens` (transformers'
+        add_special_tokens, extending the additional special tokens): a token not yet in the vocabulary
+        takes the id after the last one, one already there keeps its id. Returns the new ids
+        (hub.write_special_tokens writes the tokens into a folder's files)."""
+        new = [t for t in dict.fromkeys(tokens) if self.tok.token_to_id(t) is None]
+        self.tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+        self.added_special = list(dict.fromkeys(self.added_special + list(tokens)))
+        self.added_ids += [self.tok.token_to_id(t) for t in new]
+        self._derive()
+        return self.added_ids[len(self.added_ids) - len(new):]
+
+    def _derive(self):
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         # for record text: the same tokenizer (same ids) in which only the control tokens are
         # "special", encoded with encode_special_tokens (tokenizers' split_special_tokens): those
@@ -245,23 +261,26 @@ def format_question(question, options=None, instruction=MC_INSTRUCTION):
     return "\n".join([question, *lines, instruction])
 
 
-def build_prompt(record: dict) -> str:
-    """The user-turn text: question, "A. text" option lines, then the answer instruction.
-    (The image placeholders are added by the chat template, not here.)"""
-    lines = [record["question"].strip()]
-    if not record.get("options_in_question"):
-        lines += [f"{option_letter(i)}. {opt}" for i, opt in enumerate(record.get("options") or [])]
+def build_prompt(record: dict, format_prompt=None) -> str:
+    """The user-turn text: question, "A. text" option lines, then the answer instruction; or, with
+    `format_prompt` (release.FormatPrompt: EasyR1's jinja), its rendering of the question and the
+    option lines in place of the instruction. (Image placeholders come from the chat template.)"""
+    options = [] if record.get("options_in_question") else record.get("options") or []
+    lines = [f"{option_letter(i)}. {opt}" for i, opt in enumerate(options)]
+    if format_prompt is not None:
+        return format_prompt("\n".join([record["question"].strip() if lines else record["question"], *lines]))
+    lines = [record["question"].strip(), *lines]
     instruction = ANSWER_INSTRUCTION
     if record.get("options") or record.get("answer_type") == "multi_choice":
         instruction += " " + MC_INSTRUCTION
     return "\n".join(lines) + "\n" + instruction
 
 
-def prompt_content(record: dict) -> list[dict]:
+def prompt_content(record: dict, format_prompt=None) -> list[dict]:
     """The user turn's content parts: the record's images, then build_prompt(record). A training
     record whose question places its images with `<image>` (`image_placeholders` true, set by
     train_grpo's reader) keeps each image where its placeholder is."""
-    text = build_prompt(record)
+    text = build_prompt(record, format_prompt)
     if record.get("image_placeholders"):
         return split_placeholders(text)
     return [{"type": "image"} for _ in record["images"]] + [{"type": "text", "text": text}]
@@ -724,13 +743,15 @@ class SFTDataset(torch.utils.data.Dataset):
     skip_bad:    drop invalid records and count them, instead of stopping with the list of errors.
     max_errors:  how many errors the message lists (all are counted).
     check_images "header" (size from the header, fast) or "full" (decode every image now).
+    records:     (where, obj, error) in place of read_records(path) (release.dataset_records: the
+                 datasets of a dataset_info.json, `path` naming them), image paths absolute.
     """
 
     def __init__(self, path: str, tok: Tokenizer, improc: ImageProcessor, max_len: int | None = None,
                  on_long: str = "drop", skip_bad: bool = False, max_errors: int = 20,
-                 check_images: str = "header"):
+                 check_images: str = "header", records=None):
         assert on_long in ("drop", "error") and check_images in ("header", "full")
-        if not os.path.exists(path):
+        if records is None and not os.path.exists(path):
             raise DataError(f"{path}: data file does not exist")
         self.path, self.tok, self.improc = path, tok, improc
         self.records, self.lengths, self.n_images = [], [], []  # lengths: tokens, image tokens included
@@ -738,7 +759,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self.stats = {"lines": 0, "kept": 0, "bad": 0, "too_long": 0, "with_images": 0, "text_only": 0}
         base = os.path.dirname(os.path.abspath(path))
         tokens_of = functools.cache(lambda src: image_tokens(src, improc, check_images))  # a shared image: read once
-        for where, obj, error in read_records(path):  # JSON lines or a JSON array
+        for where, obj, error in read_records(path) if records is None else records:  # JSON lines or an array
             self.stats["lines"] += 1
             try:
                 if error is not None:

@@ -50,6 +50,7 @@ from data import PAD_ROLE, DataError, ImageProcessor, Tokenizer, UserError, run_
 from grading import extract_answer, grade
 from hub import resolve_checkpoint
 from model import from_pretrained
+from release import read_format_prompt
 from vas import Intervention, band, measure_vas, parse_layers, pearson
 from vas import vas as vas_of_stats
 
@@ -205,7 +206,7 @@ def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: lis
                        setting: Setting = Setting(), batch_size: int = 8, max_new_tokens: int = 512,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, vas: bool = True,
                        vas_layers=None, progress: bool = True, on_batch=None, compile: bool = False,
-                       skip_bad: bool = False) -> dict:
+                       skip_bad: bool = False, format_prompt=None) -> dict:
     """Answer `records` (one benchmark) with `model` and grade them; returns the summary row.
 
     Predictions go to `out_path` (a jsonl, appended batch by batch; ids already there are skipped).
@@ -214,6 +215,7 @@ def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: lis
     grade. Sampling (temperature > 0) draws from seed + the batch's first record index, so a resumed
     run repeats the batches it had not finished. on_batch(preds) is called after each batch is written.
 
+    format_prompt (release.FormatPrompt): EasyR1's jinja renders the question (data.build_prompt).
     A question whose image passed the reader's check but does not decode (a truncated file) stops
     the run with DataError naming it (the predictions written so far are kept, a rerun continues);
     with skip_bad it is left out, logged and counted in the row's "skipped" (a rerun tries it again).
@@ -222,7 +224,8 @@ def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: lis
     out_path.parent.mkdir(parents=True, exist_ok=True)
     config = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
               "min_pixels": proc.min_pixels, "max_pixels": proc.max_pixels, "vas": vas,
-              "vas_layers": sorted(int(l) for l in vas_layers) if vas_layers is not None else None}
+              "vas_layers": sorted(int(l) for l in vas_layers) if vas_layers is not None else None,
+              "format_prompt": format_prompt.source if format_prompt is not None else None}
     done = _resume(out_path, records, setting, config)  # id -> prediction already in the file
     todo = [(i, r) for i, r in enumerate(records) if r["id"] not in done]
     bar = _progress_bar(records, todo, out_path, setting) if progress else None
@@ -230,7 +233,8 @@ def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: lis
     skipped = []
     with open(out_path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), batch_size):
-            chunk, encs, bad = _encode_batch(tok, proc, todo[start:start + batch_size], out_path, skip_bad)
+            chunk, encs, bad = _encode_batch(tok, proc, todo[start:start + batch_size], out_path, skip_bad,
+                                             format_prompt)
             for rid, err in bad:
                 skipped.append(rid)
                 log(f"skipped (--skip-bad): {err}")
@@ -280,13 +284,14 @@ def _progress_bar(records: list[dict], todo: list, out_path: Path, setting: Sett
                 unit="q", dynamic_ncols=True)
 
 
-def _encode_batch(tok: Tokenizer, proc: ImageProcessor, batch: list, out_path: Path, skip_bad: bool):
+def _encode_batch(tok: Tokenizer, proc: ImageProcessor, batch: list, out_path: Path, skip_bad: bool,
+                  format_prompt=None):
     """Encode: the (index, record) pairs of `batch` whose images decode, their encodings
     (encode_record), and (id, message) of those that do not (DataError unless skip_bad)."""
     chunk, encs, bad = [], [], []
     for i, rec in batch:
         try:
-            encs.append(encode_record(tok, proc, rec))
+            encs.append(encode_record(tok, proc, rec, format_prompt))
             chunk.append((i, rec))
         except IMAGE_ERRORS as e:
             files = ", ".join(str(p) for p in rec["images"] if isinstance(p, Path)) or "base64 cell"
@@ -488,6 +493,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-pixels", type=int, default=None, help="image processor max_pixels (default: the model's)")
     ap.add_argument("--min-pixels", type=int, default=None)
     ap.add_argument("--limit", type=int, default=None, help="only the first N questions of each benchmark")
+    ap.add_argument("--format-prompt", default=None, metavar="FILE.jinja",
+                    help="EasyR1's format prompt (the release's math.jinja / r1v.jinja): the user turn is its rendering "
+                         "of {{ content }}, the question and its option lines, instead of our instruction (needs jinja2)")
     ap.add_argument("--a-img", type=float, nargs="+", default=[0.0], help="intervention: image-key logit gain(s)")
     ap.add_argument("--a-sys", type=float, nargs="+", default=[0.0], help="intervention: system-key logit cut(s)")
     ap.add_argument("--intervention-layers", nargs="+", default=None,
@@ -539,6 +547,7 @@ def run_evaluation(args) -> list[dict]:
     config = vars(args).copy()
     print("config:", json.dumps(config))
     benchmarks = [read_benchmark_file(path) for path in args.bench]  # bad input fails before the model loads
+    fmt = read_format_prompt(args.format_prompt) if args.format_prompt else None
     model, tok, proc = load_model(args)
     settings, vas_layers = sweep_settings(args, model.cfg.num_hidden_layers)
     out = Path(args.out)
@@ -547,7 +556,7 @@ def run_evaluation(args) -> list[dict]:
     rows = evaluate(model, tok, proc, benchmarks, out, settings, limit=args.limit, batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     seed=args.seed, vas=not args.no_vas, vas_layers=vas_layers,
-                    progress=not args.no_progress, compile=args.compile, skip_bad=args.skip_bad)
+                    progress=not args.no_progress, compile=args.compile, skip_bad=args.skip_bad, format_prompt=fmt)
     table = write_summary(rows, out, config=config)
     print(table, end="")
     return rows

@@ -100,12 +100,15 @@ def checkpoint_files(path: str):
     raise UserError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
 
 
-def copy_hub_files(src: str, dst: str, image_processor=None):
+def copy_hub_files(src: str, dst: str, image_processor=None, tokenizer=None):
     """The source folder's tokenizer, template, generation and preprocessor files; the
-    preprocessor's pixel bounds set to those of this run (for evaluation and RL to match)."""
+    preprocessor's pixel bounds set to those of this run (for evaluation and RL to match); the
+    special tokens the run added to `tokenizer` (data.Tokenizer) written in (write_special_tokens)."""
     for f in HUB_FILES:
         if os.path.exists(os.path.join(src, f)):
             shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+    if tokenizer is not None and tokenizer.added_special:
+        write_special_tokens(dst, tokenizer)
     if image_processor is None:
         return
     pre = os.path.join(dst, "preprocessor_config.json")
@@ -121,6 +124,55 @@ def copy_hub_files(src: str, dst: str, image_processor=None):
             c[key] = getattr(image_processor, key)
     with open(pre, "w") as f:
         json.dump(c, f, indent=2)
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def write_special_tokens(folder: str, tok):
+    """The special tokens added to `tok` (data.Tokenizer.add_special_tokens) in a model folder's
+    tokenizer files, as transformers' add_special_tokens + save_pretrained leave them: tokenizer.json
+    is `tok`'s own (its added_tokens list them, special, at their ids); tokenizer_config.json lists
+    them among the extra special tokens (transformers 5's `extra_special_tokens`, or 4.x's
+    `additional_special_tokens` where the file uses that name) and, where it has one, in its
+    `added_tokens_decoder`; special_tokens_map.json and added_tokens.json, where present, likewise."""
+    tok.tok.save(os.path.join(folder, "tokenizer.json"))
+    tags = tok.added_special
+    ids = {t: tok.tok.token_to_id(t) for t in tags}
+
+    def extend(lst):
+        have = {x["content"] if isinstance(x, dict) else x for x in lst}
+        return lst + [t for t in tags if t not in have]
+
+    path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.exists(path):
+        c = _read_json(path)
+        extra = c.get("extra_special_tokens")
+        if isinstance(extra, list) or (extra is None and "additional_special_tokens" not in c):
+            c["extra_special_tokens"] = extend(extra or [])
+        else:  # 4.x's name (its extra_special_tokens, if any, is a dict of named tokens)
+            c["additional_special_tokens"] = extend(c.get("additional_special_tokens") or [])
+        if isinstance(c.get("added_tokens_decoder"), dict):
+            for t, i in ids.items():
+                c["added_tokens_decoder"][str(i)] = dict(content=t, lstrip=False, normalized=False, rstrip=False,
+                                                         single_word=False, special=True)
+        _write_json(path, c)
+    path = os.path.join(folder, "special_tokens_map.json")
+    if os.path.exists(path):
+        m = _read_json(path)
+        m["additional_special_tokens"] = extend(m.get("additional_special_tokens") or [])
+        _write_json(path, m)
+    path = os.path.join(folder, "added_tokens.json")
+    if os.path.exists(path):
+        _write_json(path, dict(_read_json(path), **ids))
 
 
 def replace_dir(src: str, dst: str):

@@ -32,6 +32,7 @@ from data import (IMAGE_PLACEHOLDER, PAD_ROLE, RESPONSE, DataError, ImageProcess
 from grpo import aggregate, group_advantages, kl_k3, policy_loss, response_mask, token_logprobs, total_reward
 from hub import check_model_folder
 from model import from_pretrained
+from release import read_format_prompt
 from rollouts import cat_images, generate_rollouts, generation_mode, rollout_seed
 from training import Dist, weights_checksum
 
@@ -85,6 +86,10 @@ def build_parser():
     p.add_argument("--max-prompt-len", type=int, default=2048,
                    help="prompts longer than this (image tokens included) are dropped and counted (released config: 2048)")
     p.add_argument("--skip-bad", action="store_true", help="drop invalid records (counted) instead of stopping")
+    p.add_argument("--format-prompt", default=None, metavar="FILE.jinja",
+                   help="EasyR1's format prompt (the release's math.jinja / r1v.jinja): the user turn is its "
+                        "rendering of {{ content }}, the record's question as written, instead of this project's "
+                        "instruction (needs jinja2)")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="image resize bound; default: the model folder's preprocessor_config.json (as evaluate.py)")
     p.add_argument("--min-pixels", type=int, default=None, help="default: the model folder's preprocessor_config.json")
@@ -156,13 +161,17 @@ def build_parser():
 # data: prompts with gold answers
 # ---------------------------------------------------------------------------------------------
 
-def _question_of(rec):
+def _question_of(rec, as_written=False):
     """The text of a normalised record's single user turn, each image part written back as the
-    `<image>` placeholder, so the images stay where the record put them (data.prompt_content)."""
+    `<image>` placeholder, so the images stay where the record put them (data.prompt_content);
+    leading images first and the text stripped, or (as_written: EasyR1's `content`) as the record
+    has it."""
     users = [m for m in rec.messages if m["role"] == "user"]
     if len(users) != 1:
         raise ValueError(f"an RL record holds one user turn (the question), not {len(users)}")
     parts = users[0]["content"]
+    if as_written:
+        return "".join(p["text"] if p["type"] == "text" else IMAGE_PLACEHOLDER for p in parts)
     k = 0  # images that open the question ("<image>\nQ"): images first, then the question, as in evaluation
     while k < len(parts) and (parts[k]["type"] == "image" or not parts[k]["text"].strip()):
         k += 1
@@ -181,13 +190,14 @@ class PromptDataset:
     the default system turn, the images (where `<image>` placed them, else first), then
     data.build_prompt(record) (question, "A. ..." option lines, the answer instruction), then
     the assistant header. Train and eval prompts are so the same by construction. Prompts longer
-    than max_prompt_len tokens are dropped and counted.
+    than max_prompt_len tokens are dropped and counted. With `format_prompt` (release.FormatPrompt)
+    the question is the record's text as written and the user turn its rendering, as in EasyR1.
     """
 
-    def __init__(self, path, tok, improc, max_prompt_len=None, skip_bad=False, max_errors=20):
+    def __init__(self, path, tok, improc, max_prompt_len=None, skip_bad=False, max_errors=20, format_prompt=None):
         if not os.path.exists(path):
             raise DataError(f"{path}: data file does not exist")
-        self.path, self.tok, self.improc = path, tok, improc
+        self.path, self.tok, self.improc, self.format_prompt = path, tok, improc, format_prompt
         self.records, self.lengths, self.where, errors = [], [], [], []
         self.stats = {"lines": 0, "kept": 0, "bad": 0, "too_long": 0, "with_images": 0, "text_only": 0}
         base = os.path.dirname(os.path.abspath(path))
@@ -206,13 +216,14 @@ class PromptDataset:
                 answer_type = obj.get("answer_type")
                 if answer_type is not None and answer_type not in grading.ANSWER_TYPES:
                     raise ValueError(f"answer_type {answer_type!r} not in {grading.ANSWER_TYPES}")
-                record = dict(id=str(obj.get("id", where)), question=_question_of(rec), options=options,
+                record = dict(id=str(obj.get("id", where)), question=_question_of(rec, format_prompt is not None),
+                              options=options,
                               images=[Path(p) if isinstance(p, str) else p for p in rec.images],
                               image_placeholders=True, answer=answer.strip(),
                               answer_type=answer_type or ("multi_choice" if options else None),
                               benchmark=Path(path).stem)
                 n_img = [image_tokens(p, improc) for p in rec.images]
-                length = len(encode_chat(tok, [{"role": "user", "content": prompt_content(record)}],
+                length = len(encode_chat(tok, [{"role": "user", "content": prompt_content(record, format_prompt)}],
                                          n_img, add_generation_prompt=True)["input_ids"])
             except (ValueError, OSError) as e:
                 self.stats["bad"] += 1
@@ -243,7 +254,7 @@ class PromptDataset:
         An image that passed the header check but does not decode (a truncated file) raises
         DataError naming the line and the file."""
         try:
-            enc = encode_record(self.tok, self.improc, self.records[i])
+            enc = encode_record(self.tok, self.improc, self.records[i], self.format_prompt)
         except IMAGE_ERRORS as e:
             files = ", ".join(map(str, self.records[i]["images"]))
             raise DataError(f"{self.where[i]}: cannot decode image {files} ({e})") from None
@@ -575,7 +586,8 @@ def setup(args, dctx) -> Run:
 
     tok = Tokenizer(model_dir)
     improc = ImageProcessor.from_pretrained(model_dir, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    ds = PromptDataset(args.data, tok, improc, args.max_prompt_len, args.skip_bad)
+    fmt = read_format_prompt(args.format_prompt) if args.format_prompt else None
+    ds = PromptDataset(args.data, tok, improc, args.max_prompt_len, args.skip_bad, format_prompt=fmt)
     dctx.print0(ds.summary())
     steps_per_epoch = len(ds) // args.prompts_per_step
     if steps_per_epoch == 0:

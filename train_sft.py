@@ -64,6 +64,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import release
 import training
 import vas
 from data import IGNORE, IMAGE, DataError, ImageProcessor, SFTDataset, Tokenizer, UserError, collate, run_cli
@@ -71,8 +72,13 @@ from hub import check_model_folder
 
 parser = argparse.ArgumentParser(description="Cold-start SFT of Qwen2.5-VL with the attention-guided objective",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                    help="LLaMA-Factory's SFT YAML (the release's avar_sft.yaml) as the settings, the flags given here "
+                         "overriding it (release.sft_settings; needs pyyaml)")
 # data
-parser.add_argument("--data", default="toy/sft.jsonl", help="SFT records, JSON lines or a .json array (OpenAI/TRL, LLaMA-Factory, flat/EasyR1 forms)")
+parser.add_argument("--data", default="toy/sft.jsonl",
+                    help="SFT records, JSON lines or a .json array (OpenAI/TRL, LLaMA-Factory, flat/EasyR1 forms); "
+                         "or DIR/dataset_info.json:NAME[,NAME...], LLaMA-Factory's datasets by name")
 parser.add_argument("--model", default="toy/model", help="Hugging Face folder: config, safetensors, tokenizer.json")
 parser.add_argument("--out", default="runs/sft", help="checkpoints, metrics.jsonl, run_config.json")
 parser.add_argument("--max-len", type=int, default=8192, help="longest sequence in tokens, image tokens included")
@@ -84,6 +90,10 @@ parser.add_argument("--max-pixels", type=int, default=262144, help="image resize
 parser.add_argument("--min-pixels", type=int, default=None, help="default: the model's preprocessor_config.json")
 parser.add_argument("--no-group-by-length", action="store_true", help="plain shuffled batches (more padding)")
 parser.add_argument("--num-workers", type=int, default=2, help="data-loader processes decoding images")
+parser.add_argument("--new-special-tokens", default=None, metavar="T1,T2,...",
+                    help="comma-separated tokens added as special tokens before the data is read, as LLaMA-Factory's "
+                         "new_special_tokens (the release: '<think>,</think>,<answer>,</answer>'); the embedding "
+                         "grows only if it has too few rows; the checkpoints' tokenizer files carry them")
 # objective
 parser.add_argument("--agto-alpha", type=float, default=0.15, help="weight of L_enhance (0 with --agto-beta 0: plain SFT)")
 parser.add_argument("--agto-beta", type=float, default=0.15, help="weight of L_suppress")
@@ -238,10 +248,26 @@ class Run:
 
 
 def main(argv=None):
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data-loader workers fork after the tokenizer ran
     with training.distributed(args.device, args.fsdp) as dctx:
         return train(args, dctx)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; with --config FILE, the file's settings (release.sft_settings) in place of the
+    defaults, so that every flag given overrides the file."""
+    config = parser.parse_known_args(argv)[0].config
+    if config is None:
+        return parser.parse_args(argv)
+    settings, ignored = release.sft_settings(config)
+    if ignored and os.environ.get("RANK", "0") == "0":
+        print(f"--config {config}: ignored (they cannot change the result here): {', '.join(ignored)}", flush=True)
+    args = parser.parse_args(argv, namespace=argparse.Namespace(**settings))  # argparse keeps what is set
+    if args.data is None:
+        raise UserError(f"{config}: `dataset` names no dataset (LLaMA-Factory's names in dataset_dir's "
+                        "dataset_info.json), nor does --data")
+    return args
 
 
 def setup(args, dctx) -> Run:
@@ -260,9 +286,12 @@ def setup(args, dctx) -> Run:
     model_dir = ckpt or check_model_folder(args.model)  # a run folder (an SFT run for more SFT): its latest
 
     tok = Tokenizer(model_dir)
+    if args.new_special_tokens:
+        add_special_tokens(tok, args.new_special_tokens, dctx)
     improc = ImageProcessor.from_pretrained(model_dir, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    records = release.dataset_records(args.data) if release.is_dataset_spec(args.data) else None
     ds = SFTDataset(args.data, tok, improc, args.max_len, args.on_long, args.skip_bad, args.max_errors,
-                    args.check_images)
+                    args.check_images, records)
     dctx.print0(ds.summary())
     if ds.stats["bad"]:
         dctx.print0(f"--skip-bad: dropped {ds.stats['bad']} invalid records, e.g.\n  " + "\n  ".join(ds.errors[:5]))
@@ -272,7 +301,7 @@ def setup(args, dctx) -> Run:
     total_steps = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * steps_per_epoch))
     warmup = math.ceil(args.warmup_ratio * total_steps)
 
-    model = training.load_for_training(model_dir, tok, dctx.device, args.grad_ckpt, args.freeze_vision)
+    model = training.load_for_training(model_dir, tok, dctx.device, args.grad_ckpt, args.freeze_vision, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     autocast = training.prepare_model(model, dctx, dtype)
     model.train()
@@ -295,6 +324,16 @@ def setup(args, dctx) -> Run:
         training.start_run_files(args.out, config, start)
     return Run(args, dctx, tok, improc, ds, model_dir, model, optimizer, autocast, accum, steps_per_epoch,
                total_steps, warmup, start, ckpt, config)
+
+
+def add_special_tokens(tok: Tokenizer, spec: str, dctx):
+    """--new-special-tokens "<think>,</think>": split at commas, each stripped, as LLaMA-Factory does."""
+    tokens = [t.strip() for t in spec.split(",")]
+    if not all(tokens):
+        raise UserError(f"--new-special-tokens {spec!r}: an empty token (tokens are separated by commas)")
+    new = tok.add_special_tokens(tokens)
+    dctx.print0(f"special tokens: {', '.join(f'{t} {tok.tok.token_to_id(t)}' for t in tokens)} "
+                f"({len(new)} new; the tokenizer now has {tok.vocab_size})")
 
 
 def train(args, dctx):
@@ -424,7 +463,7 @@ def save(run: Run, step: int):
                  seed=args.seed, group_by_length=not args.no_group_by_length, total_steps=run.total_steps,
                  warmup_steps=run.warmup, world_size=run.dctx.world, args=vars(args))
     run.last_ckpt = training.save_checkpoint(run.model, run.optimizer, run.dctx, args.out, step, state, run.model_dir,
-                                             args.save_dtype, args.keep_last, run.improc)
+                                             args.save_dtype, args.keep_last, run.improc, run.tok)
 
 
 if __name__ == "__main__":

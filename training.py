@@ -168,17 +168,47 @@ def compute_dtype(arg: str, device) -> torch.dtype:
             "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[arg]
 
 
-def load_for_training(model_dir: str, tok, device, grad_ckpt: bool, freeze_vision: bool):
-    """float32 master weights on `device`, checked against the tokenizer, with activation
-    checkpointing and a frozen vision tower as asked."""
+def load_for_training(model_dir: str, tok, device, grad_ckpt: bool, freeze_vision: bool, seed: int = 0):
+    """float32 master weights on `device`, checked against the tokenizer (grown for the tokens the run
+    added: grow_vocab), with activation checkpointing and a frozen vision tower as asked."""
     model = from_pretrained(model_dir, dtype=torch.float32, device=device)
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise UserError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens, the model's embedding "
-                        f"{model.cfg.vocab_size}")
+    if tok.vocab_size - len(tok.added_ids) > model.cfg.vocab_size:
+        raise UserError(f"{model_dir}: the tokenizer has {tok.vocab_size - len(tok.added_ids)} tokens, the "
+                        f"model's embedding {model.cfg.vocab_size}")
+    grow_vocab(model, tok.vocab_size, seed)
     model.set_gradient_checkpointing(grad_ckpt)
     if freeze_vision:
         model.visual.requires_grad_(False)
     return model
+
+
+def grow_vocab(model, size: int, seed: int = 0) -> bool:
+    """LLaMA-Factory's resize_embedding_layer: only when the tokenizer has more tokens (`size`) than
+    the embedding has rows (Qwen's 152064 rows leave room for 399 more), the embedding and the LM
+    head grow to `size` rounded up to a multiple of 64, and every new row of each is the mean of its
+    old rows plus normal noise of std 1/sqrt(D) (D the hidden size; their _noisy_mean_initialization).
+    A tied head is the embedding itself. The noise comes from its own generator (`seed`): every
+    process draws the same rows. Returns whether it grew."""
+    old = model.cfg.vocab_size
+    if size <= old:
+        return False
+    new = -(-size // 64) * 64
+    gen = torch.Generator().manual_seed(seed)
+
+    def grown(w):
+        noise = torch.randn(new - old, w.shape[1], generator=gen, dtype=torch.float32) / math.sqrt(w.shape[1])
+        rows = w.detach().mean(0, keepdim=True) + noise.to(w.device, w.dtype)
+        return torch.nn.Parameter(torch.cat([w.detach(), rows]), requires_grad=w.requires_grad)
+
+    emb = model.model.embed_tokens
+    emb.weight, emb.num_embeddings = grown(emb.weight), new
+    if model.cfg.tie_word_embeddings:
+        model.lm_head.weight = emb.weight
+    else:
+        model.lm_head.weight = grown(model.lm_head.weight)
+    model.lm_head.out_features = new
+    model.cfg.vocab_size = new
+    return True
 
 
 def shard_model(model, dtype):
@@ -370,11 +400,12 @@ def write_latest(out: str, name: str):
 
 
 def save_checkpoint(model, optimizer, dctx: Dist, out: str, step: int, state: dict, source_dir: str,
-                    dtype_arg: str = "auto", keep_last: int = 0, image_processor=None) -> str:
+                    dtype_arg: str = "auto", keep_last: int = 0, image_processor=None, tokenizer=None) -> str:
     """Write OUT/step_N and OUT/train_state/step_N.pt, then `latest`; with keep_last > 0 remove all
     but the last keep_last checkpoints. Every rank calls this (the state dicts are gathered
     collectively); rank 0 writes. `source_dir`: the folder the run loaded (its dtype and hub files
-    are kept); `state`: the run's position, to which the optimizer and RNG states are added."""
+    are kept); `state`: the run's position, to which the optimizer and RNG states are added;
+    `tokenizer`: the run's, whose added special tokens go into the folder's tokenizer files."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -396,7 +427,7 @@ def save_checkpoint(model, optimizer, dctx: Dist, out: str, step: int, state: di
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         save_pretrained(model, tmp, state_dict=msd, dtype=dtype)  # config.json + safetensors (hub layout)
-        copy_hub_files(source_dir, tmp, image_processor)
+        copy_hub_files(source_dir, tmp, image_processor, tokenizer)
         fsync_tree(tmp)
         state = dict(state, optimizer=osd, rng=rngs)
         if dtype != torch.float32:  # step_N rounds the master weights: resume from these
