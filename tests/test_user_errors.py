@@ -73,6 +73,8 @@ def files(tmp_path_factory):
     (root / "empty.jsonl").write_text("\n")
     (root / "no_images.tsv").write_text("index\tquestion\tanswer\n0\tWhat is 2+3?\t5\n")
     (root / "cut_preds.jsonl").write_text('{"id": "0", "correct": true, "vas": 1.0}\nnot json\n{"id": "1"}\n')
+    os.makedirs(root / "cut_run")
+    (root / "cut_run" / "metrics.jsonl").write_text('{"step": 1, "lm_loss": 2.0}\n{"step": 2,\n{"step": 3}\n')
     (root / "bench.jsonl").write_text(json.dumps({"id": "0", "images": ["a.png"], "question": "Which?",
                                                   "answer": "grey"}) + "\n")
     return root
@@ -122,6 +124,8 @@ CASES = {  # name: (command, the file the message must name)
     "vas missing tokenizer": (VAS + ["--model", "{root}/no_tokenizer", "--image", "{root}/a.png"], "tokenizer.json"),
     "vas truncated safetensors": (VAS + ["--model", "{root}/truncated", "--image", "{root}/a.png"],
                                   "truncated/model.safetensors"),
+    "plot missing run": (["plot.py", "{root}/nope_run"], "nope_run"),
+    "plot bad metrics line": (["plot.py", "{root}/cut_run", "--out", "{root}/curves.png"], "cut_run/metrics.jsonl: line 2"),
     "synthesize missing input": (["synthesize.py", "--input", "{root}/nope.jsonl", "--output", "{root}/o.jsonl",
                                   "--model", "teacher", "--base-url", "http://127.0.0.1:9/v1"], "nope.jsonl"),
     "synthesize non-utf8 input": (["synthesize.py", "--input", "{root}/latin1.jsonl", "--output",
@@ -142,3 +146,4 @@ def test_user_error_is_one_message(files, case):
     assert len(errors) == 1, p.stderr[-3000:]
     message = p.stderr[p.stderr.index("error: "):]  # its first line, and the records it lists
     assert named in message, message
+
