@@ -147,3 +147,20 @@ def test_user_error_is_one_message(files, case):
     message = p.stderr[p.stderr.index("error: "):]  # its first line, and the records it lists
     assert named in message, message
 
+
+@pytest.mark.parametrize("script, kind, hidden", [("train_sft.py", "wandb", ["wandb"]),
+                                                  ("train_grpo.py", "tensorboard", ["tensorboard", "torch.utils.tensorboard"])])
+def test_report_to_without_its_package_is_one_message(files, script, kind, hidden):
+    """--report-to with its package missing (hidden from import in the script's process): one
+    `error:` line that says what to install, before any data or model is read."""
+    base = SFT if script == "train_sft.py" else GRPO
+    argv = [a.format(root=files) for a in base + ["--data", "{root}/nope.jsonl", "--model", "{root}/model",
+                                                  "--report-to", kind]]
+    code = (f"import runpy, sys; sys.modules.update(dict.fromkeys({hidden!r})); sys.argv = {argv!r}; "
+            f"runpy.run_path({script!r}, run_name='__main__')")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: --report-to {kind}: ") and \
+        errors[0].endswith(f"pip install {kind}"), p.stderr[-3000:]
