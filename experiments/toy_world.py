@@ -55,6 +55,7 @@ import vas  # noqa: E402
 from data import build_prompt  # noqa: E402
 from hub import resolve_checkpoint  # noqa: E402
 from model import from_pretrained  # noqa: E402
+from plot import nice_ticks  # noqa: E402
 from vas import betainc, pearson  # noqa: E402
 
 MAIN_ARMS = ["base", "sft_multimodal", "sft_text_only", "sft_avar", "grpo_plain", "grpo_visual"]
@@ -222,17 +223,6 @@ def system_share(model_dir, toy, n=64):
 ARM_COLOURS = {"base": (40, 40, 40), "sft_multimodal": (31, 119, 180), "sft_text_only": (255, 127, 14),
                "sft_avar": (44, 160, 44), "grpo_plain": (148, 103, 189), "grpo_visual": (214, 39, 40),
                "sft_anchored": (140, 86, 75), "sft_avar_paper": (227, 119, 194), "grpo_visual_ratio": (127, 127, 127)}
-
-
-def nice_ticks(lo, hi, n=5):
-    span = hi - lo if hi > lo else 1.0
-    step = 10 ** math.floor(math.log10(span / n))
-    for m in (1, 2, 5, 10):
-        if span / (m * step) <= n:
-            step *= m
-            break
-    start = math.floor(lo / step) * step
-    return [start + i * step for i in range(int((hi - start) / step) + 2) if start + i * step <= hi + 1e-9]
 
 
 def scatter_png(points, path, title, corr):
