@@ -124,7 +124,6 @@ CASES = {  # name: (command, the file the message must name)
     "vas missing tokenizer": (VAS + ["--model", "{root}/no_tokenizer", "--image", "{root}/a.png"], "tokenizer.json"),
     "vas truncated safetensors": (VAS + ["--model", "{root}/truncated", "--image", "{root}/a.png"],
                                   "truncated/model.safetensors"),
-    "plot missing run": (["plot.py", "{root}/nope_run"], "nope_run"),
     "plot bad metrics line": (["plot.py", "{root}/cut_run", "--out", "{root}/curves.png"], "cut_run/metrics.jsonl: line 2"),
     "synthesize missing input": (["synthesize.py", "--input", "{root}/nope.jsonl", "--output", "{root}/o.jsonl",
                                   "--model", "teacher", "--base-url", "http://127.0.0.1:9/v1"], "nope.jsonl"),
