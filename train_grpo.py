@@ -8,6 +8,10 @@ r_visual), the old/reference log-prob passes, and the optimizer steps.
 Run:
     python train_grpo.py --data rl.jsonl --model DIR
     torchrun --nproc_per_node=8 train_grpo.py --data rl.jsonl --model DIR
+
+Outputs under --out as train_sft.py's: run_config.json, metrics.jsonl (one line per rollout step;
+--report-to: also to TensorBoard or W&B), training_curves.png (drawn at every checkpoint), step_N/,
+train_state/step_N.pt, latest.
 """
 
 import argparse
@@ -23,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 import grading
+import plot
 import training
 import vas
 from benchmarks import IMAGE_ERRORS, encode_record
@@ -145,6 +150,8 @@ def build_parser():
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of decoder layers and vision blocks")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int, default=0, help="data order and the rollout seeds (seed, step, rank)")
+    p.add_argument("--report-to", default="none", choices=training.REPORT_TO,
+                   help="also log every metrics.jsonl row to TensorBoard (OUT/tensorboard) or W&B (needs that package)")
     # checkpoints
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end); 0: end only")
     p.add_argument("--keep-last", type=int, default=0, help="keep only the last N checkpoints (0: all)")
@@ -555,6 +562,7 @@ class Run:
     start: int  # the first step this process runs (> 0 when resumed)
     last_ckpt: str | None  # the newest complete checkpoint
     config: dict
+    reporter: training.Reporter | None  # --report-to, on rank 0
 
 
 def main(argv=None, reward_fn=None):
@@ -569,6 +577,7 @@ def setup(args, dctx) -> Run:
     """The resume point, the prompts, the policy (float32 master weights; FSDP2 shards them, bf16
     autocast without FSDP), the frozen reference (kl_coef > 0), AdamW, the run files."""
     torch.manual_seed(args.seed + dctx.rank)
+    backend = training.report_backend(args.report_to)  # a missing package stops the run here
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0 for GRPO rollouts (the log-probs divide by it)")
     if args.prompts_per_step % dctx.world:
@@ -619,10 +628,14 @@ def setup(args, dctx) -> Run:
                   total_steps=total_steps, fsdp=dctx.fsdp, compute_dtype=str(dtype), device=str(dctx.device),
                   parameters=n_params, data_stats=ds.stats, torch=torch.__version__)
     dctx.print0("config: " + json.dumps(config, default=str))
+    reporter = None
     if dctx.rank == 0:
         training.start_run_files(args.out, config, start)
+        if backend is not None:
+            reporter = training.Reporter(args.report_to, backend, args.out, config, start,
+                                         [key for key, _, _ in plot.GRPO_PANELS])
     return Run(args, dctx, tok, improc, ds, init_dir, model_dir, model, ref_model, optimizer, autocast,
-               steps_per_epoch, total_steps, start, ckpt, config)
+               steps_per_epoch, total_steps, start, ckpt, config, reporter)
 
 
 def train(args, dctx, reward_fn=None):
@@ -631,30 +644,38 @@ def train(args, dctx, reward_fn=None):
     run = setup(args, dctx)
     pbar = tqdm(total=run.total_steps, initial=run.start, disable=dctx.rank != 0, dynamic_ncols=True, desc="grpo")
     history, skipped = [], 0  # skipped: prompts that failed to load, this process's run
-    for step in range(run.start, run.total_steps):
-        t0 = time.time()
-        encs, group_ids, n_bad = step_prompts(run, step, pbar)
-        skipped += n_bad
-        lrs = [set_lr(run, step * args.ppo_epochs)]
-        m, _ = grpo_step(run.model, run.optimizer, run.tok, encs, group_ids, args, dctx, step, ref_model=run.ref_model,
-                         reward_fn=reward_fn, autocast=run.autocast,
-                         lr_for=lambda e: lrs.append(set_lr(run, step * args.ppo_epochs + e)))
-        if m.get("nonfinite"):
-            training.check_finite(step + 1, m["loss"], m["grad_norm"], run.last_ckpt)
-        row = dict(step=step + 1, epoch=round((step + 1) / run.steps_per_epoch, 4), lr=lrs[-1], **m,
-                   skipped=n_bad, step_time=time.time() - t0)
-        if args.checksum:
-            row["param_checksums"] = checksums(run)
-        history.append(row)
-        if dctx.rank == 0:
-            training.append_metrics(args.out, row)
-            pbar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}",
-                             len=f"{row['response_length']:.0f}", **({"skipped": skipped} if skipped else {}))
-            pbar.update(1)
-        done = step + 1
-        if done == run.total_steps or (args.save_every > 0 and done % args.save_every == 0):
-            save(run, done)
-    pbar.close()
+    finished = False
+    try:
+        for step in range(run.start, run.total_steps):
+            t0 = time.time()
+            encs, group_ids, n_bad = step_prompts(run, step, pbar)
+            skipped += n_bad
+            lrs = [set_lr(run, step * args.ppo_epochs)]
+            m, _ = grpo_step(run.model, run.optimizer, run.tok, encs, group_ids, args, dctx, step,
+                             ref_model=run.ref_model, reward_fn=reward_fn, autocast=run.autocast,
+                             lr_for=lambda e: lrs.append(set_lr(run, step * args.ppo_epochs + e)))
+            if m.get("nonfinite"):
+                training.check_finite(step + 1, m["loss"], m["grad_norm"], run.last_ckpt)
+            row = dict(step=step + 1, epoch=round((step + 1) / run.steps_per_epoch, 4), lr=lrs[-1], **m,
+                       skipped=n_bad, step_time=time.time() - t0)
+            if args.checksum:
+                row["param_checksums"] = checksums(run)
+            history.append(row)
+            if dctx.rank == 0:
+                training.append_metrics(args.out, row)
+                if run.reporter is not None:
+                    run.reporter.log(row)
+                pbar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}",
+                                 len=f"{row['response_length']:.0f}", **({"skipped": skipped} if skipped else {}))
+                pbar.update(1)
+            done = step + 1
+            if done == run.total_steps or (args.save_every > 0 and done % args.save_every == 0):
+                save(run, done)
+        finished = True
+    finally:
+        pbar.close()
+        if run.reporter is not None:
+            run.reporter.close(finished)
     return {"metrics": history, "checkpoint": run.last_ckpt, "config": run.config}
 
 
@@ -710,7 +731,8 @@ def checksums(run: Run) -> list:
 
 
 def save(run: Run, step: int):
-    """Checkpoint the state after `step` steps (every rank calls this) and make it the run's last."""
+    """Checkpoint the state after `step` steps (every rank calls this), make it the run's last, and
+    draw OUT/training_curves.png from metrics.jsonl (plot.py)."""
     args = run.args
     state = dict(step=step, epoch=step // run.steps_per_epoch, batch_in_epoch=step % run.steps_per_epoch,
                  steps_per_epoch=run.steps_per_epoch, prompts_per_step=args.prompts_per_step,
@@ -718,6 +740,8 @@ def save(run: Run, step: int):
                  world_size=run.dctx.world, init_model=run.init_dir, args=vars(args))
     run.last_ckpt = training.save_checkpoint(run.model, run.optimizer, run.dctx, args.out, step, state, run.model_dir,
                                              args.save_dtype, args.keep_last, run.improc)
+    if run.dctx.rank == 0:
+        plot.save_run_curves(args.out, "grpo")
 
 
 if __name__ == "__main__":

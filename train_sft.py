@@ -37,7 +37,8 @@ One process: the plain model (float32 weights, bf16 autocast on CUDA). Several (
 --fsdp: FSDP2 (each vision block, each decoder layer, then the root), bf16 parameters for compute,
 float32 gradient reduction, float32 sharded master weights. Outputs under --out:
     run_config.json        all arguments and derived settings of the run
-    metrics.jsonl          one line per optimizer step
+    metrics.jsonl          one line per optimizer step (--report-to: also to TensorBoard, OUT/tensorboard, or W&B)
+    training_curves.png    its curves, drawn again at every checkpoint (plot.py)
     step_N/                the model folder as the hub has it, ready to upload: config.json (with its
                            dtype) + model.safetensors in the source model's dtype (--save-dtype), and
                            the source folder's tokenizer, chat template, generation config and
@@ -64,6 +65,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import plot
 import release
 import training
 import vas
@@ -123,6 +125,8 @@ parser.add_argument("--fsdp", action="store_true", help="FSDP2 even in one proce
 parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of decoder layers and vision blocks")
 parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--report-to", default="none", choices=training.REPORT_TO,
+                    help="also log every metrics.jsonl row to TensorBoard (OUT/tensorboard) or W&B (needs that package)")
 # checkpoints
 parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end); 0: end only")
 parser.add_argument("--keep-last", type=int, default=0, help="keep only the last N checkpoints (0: all)")
@@ -245,6 +249,7 @@ class Run:
     start: int  # the first step this process runs (> 0 when resumed)
     last_ckpt: str | None  # the newest complete checkpoint
     config: dict
+    reporter: training.Reporter | None  # --report-to, on rank 0
 
 
 def main(argv=None):
@@ -274,6 +279,7 @@ def setup(args, dctx) -> Run:
     """The resume point, the data (validated before anything is trained), the model (float32
     master weights; FSDP2 shards them, bf16 autocast without FSDP), AdamW, the run files."""
     torch.manual_seed(args.seed + dctx.rank)
+    backend = training.report_backend(args.report_to)  # a missing package stops the run here
     dtype = training.compute_dtype(args.dtype, dctx.device)
     if args.batch_size % (args.micro_batch * dctx.world):
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch {args.micro_batch}"
@@ -320,10 +326,14 @@ def setup(args, dctx) -> Run:
     if ckpt is None and os.path.exists(os.path.join(args.out, "latest")):
         dctx.print0(f"warning: {args.out} holds checkpoints of an earlier run; this run starts afresh and "
                     "overwrites them")
+    reporter = None
     if dctx.rank == 0:
         training.start_run_files(args.out, config, start)
+        if backend is not None:
+            reporter = training.Reporter(args.report_to, backend, args.out, config, start,
+                                         [key for key, _, _ in plot.SFT_PANELS])
     return Run(args, dctx, tok, improc, ds, model_dir, model, optimizer, autocast, accum, steps_per_epoch,
-               total_steps, warmup, start, ckpt, config)
+               total_steps, warmup, start, ckpt, config, reporter)
 
 
 def add_special_tokens(tok: Tokenizer, spec: str, dctx):
@@ -343,6 +353,7 @@ def train(args, dctx):
     pbar = tqdm(total=run.total_steps, initial=run.start, disable=dctx.rank != 0, dynamic_ncols=True, desc="sft")
     history, skipped = [], 0  # skipped: records that failed to load, this process's run
     floor_warned = -10 ** 9  # the step of the last warning that the system mass sits at its floor
+    finished = False
     try:
         batches = step_batches(run)
         for step in range(run.start, run.total_steps):
@@ -358,12 +369,17 @@ def train(args, dctx):
                 floor_warned = row["step"]  # at most one warning per 50 steps
             if dctx.rank == 0:
                 training.append_metrics(args.out, row)
+                if run.reporter is not None:
+                    run.reporter.log(row)
                 show_progress(run, pbar, row, skipped)
             done = step + 1
             if done == run.total_steps or (args.save_every > 0 and done % args.save_every == 0):
                 save(run, done)
+        finished = True
     finally:
         pbar.close()
+        if run.reporter is not None:
+            run.reporter.close(finished)
     return {"metrics": history, "checkpoint": run.last_ckpt, "config": run.config}
 
 
@@ -456,7 +472,8 @@ def show_progress(run: Run, pbar, row: dict, skipped: int):
 
 
 def save(run: Run, step: int):
-    """Checkpoint the state after `step` updates (every rank calls this) and make it the run's last."""
+    """Checkpoint the state after `step` updates (every rank calls this), make it the run's last,
+    and draw OUT/training_curves.png from metrics.jsonl (plot.py)."""
     args = run.args
     state = dict(step=step, epoch=step // run.steps_per_epoch, batch_in_epoch=step % run.steps_per_epoch,
                  steps_per_epoch=run.steps_per_epoch, batch_size=args.batch_size, num_records=len(run.ds),
@@ -464,6 +481,8 @@ def save(run: Run, step: int):
                  warmup_steps=run.warmup, world_size=run.dctx.world, args=vars(args))
     run.last_ckpt = training.save_checkpoint(run.model, run.optimizer, run.dctx, args.out, step, state, run.model_dir,
                                              args.save_dtype, args.keep_last, run.improc, run.tok)
+    if run.dctx.rank == 0:
+        plot.save_run_curves(args.out, "sft")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ optimizer, the checked update, and checkpoints that a killed run resumes from ex
     save_checkpoint    OUT/step_N (a hub folder) + OUT/train_state/step_N.pt, then OUT/latest
     resume_checkpoint, read_train_state, restore_train_state   the way back into a run
     weights_checksum   a hash of the full weights as one process sees them (GRPO's --checksum)
+    start_run_files, append_metrics   OUT/run_config.json, OUT/metrics.jsonl
+    report_backend, Reporter   --report-to tensorboard | wandb: the same rows, the config as hyperparameters
 
 A checkpoint OUT/step_N/ is the model folder as the hub has it: config.json, safetensors in the
 source model's dtype (--save-dtype), and the tokenizer, chat template, generation and preprocessor
@@ -343,6 +345,96 @@ def start_run_files(out: str, config: dict, start: int):
 def append_metrics(out: str, row: dict):
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# --report-to: the metrics.jsonl rows also to TensorBoard or Weights & Biases
+# --------------------------------------------------------------------------------------------
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+def report_backend(kind: str):
+    """The package `--report-to kind` needs, imported here and only when asked for: SummaryWriter
+    (tensorboard), the wandb module, or None (none). Every process calls this before training, so
+    that a missing package stops all of them with one line."""
+    try:
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            return SummaryWriter
+        if kind == "wandb":
+            import wandb
+            return wandb
+    except ImportError as e:
+        raise UserError(f"--report-to {kind}: the {kind} package is missing ({e}): pip install {kind}") from None
+    return None
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """The run config as TensorBoard's HParams take it: nested dicts as `a.b`, None and lists as
+    text, numbers, strings and booleans as they are."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v if isinstance(v, (bool, int, float, str)) else json.dumps(v, default=str)
+    return out
+
+
+def row_scalars(row: dict) -> dict:
+    """The numbers of a metrics.jsonl row but its step (booleans as 0 / 1; None, text, lists left out)."""
+    return {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (bool, int, float))}
+
+
+class Reporter:
+    """--report-to on the main process: every number of each metrics.jsonl row at its step, and the
+    run config as hyperparameters.
+
+    tensorboard  OUT/tensorboard: a scalar per key, the config as HParams (the dashboard's table,
+                 with `metrics` as its columns) and as JSON text. A resumed run (start > 0) hides
+                 the interrupted run's steps after `start` (purge_step), which it redoes.
+    wandb        wandb.init(config=...): WANDB_MODE=offline, WANDB_PROJECT (default avar),
+                 WANDB_NAME (default: OUT), WANDB_DIR (default: OUT) are honoured as wandb reads
+                 them; a resumed run is a new W&B run unless WANDB_RUN_ID and WANDB_RESUME say otherwise.
+    """
+
+    def __init__(self, kind: str, backend, out: str, config: dict, start: int = 0, metrics=()):
+        self.kind = kind
+        if kind == "tensorboard":
+            from torch.utils.tensorboard.summary import hparams
+
+            self.writer = backend(os.path.join(out, "tensorboard"), purge_step=start + 1 if start else None,
+                                  flush_secs=10)
+            experiment, session_start, self.session_end = hparams(flat_config(config), dict.fromkeys(metrics, 0.0))
+            self.writer.file_writer.add_summary(experiment)
+            self.writer.file_writer.add_summary(session_start)
+            self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```")
+        else:
+            try:
+                self.run = backend.init(project=os.environ.get("WANDB_PROJECT", "avar"),
+                                        name=os.environ.get("WANDB_NAME", out),
+                                        dir=os.environ.get("WANDB_DIR", out), config=config)
+            except backend.errors.Error as e:  # no account, no network
+                raise UserError(f"--report-to wandb: {e} (WANDB_MODE=offline logs without an account, "
+                                "for `wandb sync` later)") from None
+
+    def log(self, row: dict):
+        values = row_scalars(row)
+        if self.kind == "tensorboard":
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, row["step"])
+        else:
+            self.run.log(values, step=row["step"])
+
+    def close(self, ok: bool):
+        """The end of the run: `ok` False when it stopped on an error (W&B marks it failed)."""
+        if self.kind == "tensorboard":
+            if ok:
+                self.writer.file_writer.add_summary(self.session_end)
+            self.writer.close()
+        else:
+            self.run.finish(exit_code=0 if ok else 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's modules
 
+from plot import nice_ticks  # noqa: E402
 from vas import betainc  # noqa: E402
 
 
@@ -48,17 +49,6 @@ def mean_ci(values, level=0.95):
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
     half = t_quantile(n - 1, level) * sd / math.sqrt(n)
     return {"mean": m, "ci_low": m - half, "ci_high": m + half, "n": n}
-
-
-def nice_ticks(lo, hi, n=5):
-    span = hi - lo if hi > lo else 1.0
-    step = 10 ** math.floor(math.log10(span / n))
-    for m in (1, 2, 5, 10):
-        if span / (m * step) <= n:
-            step *= m
-            break
-    start = math.floor(lo / step) * step
-    return [start + i * step for i in range(int((hi - start) / step) + 2) if start + i * step <= hi + 1e-9]
 
 
 def scatter_png(points, path, title, corr, colours, x_label="VAS (held-out prompts, all layers and heads)",

@@ -70,3 +70,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def tensorboard_events(folder):
+    """TensorBoard's own reader over the event files of `folder`: ({tag: [(step, value)]}, its
+    hparams plugin data as {tag: HParamsPluginData})."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    ea = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    ea.Reload()
+    scalars = {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+    hparams = {t: HParamsPluginData.FromString(c) for t, c in ea.PluginTagToContent("hparams").items()}
+    return scalars, hparams
+
+
+def assert_scalars_are_metrics(scalars, rows):
+    """Every number of every metrics.jsonl row at its step, once, as float32 (TensorBoard's type),
+    and nothing else (booleans as 0 / 1; None, text and lists are not scalars)."""
+    import numpy as np
+
+    expected = {}
+    for row in rows:
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (bool, int, float)):
+                expected.setdefault(k, []).append((row["step"], float(np.float32(v))))
+    assert sorted(scalars) == sorted(expected)
+    for k in expected:
+        assert scalars[k] == expected[k], k

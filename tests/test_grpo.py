@@ -19,8 +19,10 @@ import torch
 from PIL import Image
 
 import model as model_module
+import plot
 import train_grpo as tg
 import vas
+from conftest import assert_scalars_are_metrics, tensorboard_events
 from data import RESPONSE, DataError, ImageProcessor, Tokenizer
 from model import Config, Qwen2_5_VL, VisionConfig, from_pretrained, init_weights, save_pretrained
 from rollouts import Rollout
@@ -279,11 +281,14 @@ def strip(row):
 def test_short_run_checkpoints_and_exact_resume(world, tmp_path):
     """3 steps (2 PPO epochs, KL to the reference, dropped zero-spread groups), checkpoints at steps
     2 and 3; a run stopped after step 2 (its `latest` names step_2) and resumed gives the same
-    metrics for step 3 as the uninterrupted run, and the same weights."""
-    extra = ("--ppo-epochs", "2", "--kl-coef", "0.05", "--drop-zero-spread")
+    metrics for step 3 as the uninterrupted run, and the same weights. Both draw their curves
+    (every GRPO panel has its curve) and report to TensorBoard, where the resumed run shows each
+    step once, with the values of its metrics.jsonl."""
+    extra = ("--ppo-epochs", "2", "--kl-coef", "0.05", "--drop-zero-spread", "--report-to", "tensorboard")
     a = tmp_path / "a"
     res = tg.main(run_args(world, a, 3, *extra), reward_fn=token_parity_reward)
-    assert sorted(os.listdir(a)) == ["latest", "metrics.jsonl", "run_config.json", "step_2", "step_3", "train_state"]
+    assert sorted(os.listdir(a)) == ["latest", "metrics.jsonl", "run_config.json", "step_2", "step_3", "tensorboard",
+                                     "train_state", "training_curves.png"]
     assert open(a / "latest").read().strip() == "step_3"
     for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
         assert os.path.exists(a / "step_3" / f)
@@ -300,6 +305,11 @@ def test_short_run_checkpoints_and_exact_resume(world, tmp_path):
     mb = read_metrics(b)
     assert [r["step"] for r in mb] == [1, 2, 3]
     assert strip(mb[2]) == strip(ma[2])
+    assert_scalars_are_metrics(tensorboard_events(b / "tensorboard")[0], mb)
+    img = Image.open(b / plot.CURVES_PNG).convert("RGB")
+    _, axes = plot.draw_curves([(str(b), mb)], plot.GRPO_PANELS)
+    for key, ax in axes.items():
+        assert plot.PALETTE[0] in {c for _, c in img.crop(ax.box).getcolors(1 << 24)}, key
     wa = from_pretrained(str(a / "step_3"), dtype=torch.float32).state_dict()
     wb = from_pretrained(str(b / "step_3"), dtype=torch.float32).state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

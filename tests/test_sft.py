@@ -5,6 +5,7 @@ other forms, hand-computed token means from the model's full logits, a one-proce
 two-process run, an uninterrupted run for the resumed one, transformers for the saved checkpoint.
 """
 
+import glob
 import json
 import os
 import subprocess
@@ -16,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import plot
 import train_sft
 import training
 import vas
-from conftest import make_hf_model
+from conftest import assert_scalars_are_metrics, make_hf_model, tensorboard_events
 from data import IGNORE, IMAGE, PAD_ROLE, DataError, ImageProcessor, SFTDataset, Tokenizer, collate
 from model import from_pretrained
 from training import epoch_batches, micro_batches
@@ -294,7 +296,8 @@ def test_two_processes_match_one_process(world, reference_run, tmp_path):
     """torchrun with 2 processes (gloo, FSDP2, float32), each accumulating 2 micro-batches of 2
     records, against one process with one micro-batch of 8 over the same global batches: the same
     per-step losses. The data includes a micro-batch where one process has only text-only records
-    and the other has images (the blank-image path that keeps FSDP's collectives in step)."""
+    and the other has images (the blank-image path that keeps FSDP's collectives in step). With
+    --report-to tensorboard only the main process writes events."""
     ds_len = [json.loads(l) for l in open(world["data"])]
     text_only = {i for i, r in enumerate(ds_len) if "image" not in r}
     mixed = False
@@ -308,7 +311,7 @@ def test_two_processes_match_one_process(world, reference_run, tmp_path):
     out = tmp_path / "dist"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "train_sft.py")] + base_args(world, out, micro_batch=2)
+           os.path.join(ROOT, "train_sft.py")] + base_args(world, out, micro_batch=2) + ["--report-to", "tensorboard"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-4000:]
     got, ref = read_metrics(out), reference_run["metrics"]
@@ -319,11 +322,15 @@ def test_two_processes_match_one_process(world, reference_run, tmp_path):
         assert a["n_tokens"] == b["n_tokens"] and a["n_image_samples"] == b["n_image_samples"]
     cfg = json.load(open(out / "run_config.json"))
     assert cfg["world_size"] == 2 and cfg["fsdp"] and cfg["grad_accum"] == 2
+    # --report-to: the main process alone writes, the rows of metrics.jsonl
+    assert len(os.listdir(out / "tensorboard")) == 1
+    assert_scalars_are_metrics(tensorboard_events(out / "tensorboard")[0], got)
 
 
 def test_resume_after_crash_mid_save(world, reference_run, tmp_path, monkeypatch):
     """Crash while writing the step-4 checkpoint: `latest` still names step_2, which is complete.
-    Resuming from it gives the uninterrupted run's losses for steps 3 and 4."""
+    Resuming from it gives the uninterrupted run's losses for steps 3 and 4. TensorBoard shows each
+    step once: the resumed run hides the crashed run's steps 3 and 4, which it redoes."""
     out = tmp_path / "crash"
     calls = {"n": 0}
     real = training.write_train_state
@@ -336,14 +343,18 @@ def test_resume_after_crash_mid_save(world, reference_run, tmp_path, monkeypatch
 
     monkeypatch.setattr(training, "write_train_state", crashing)
     with pytest.raises(OSError, match="simulated"):
-        train_sft.main(base_args(world, out))
+        train_sft.main(base_args(world, out) + ["--report-to", "tensorboard"])
     monkeypatch.setattr(training, "write_train_state", real)
     assert (out / "latest").read_text().strip() == "step_2"
     assert not (out / "step_4").exists() and (out / "train_state" / "step_2.pt").exists()
     from_pretrained(str(out / "step_2"), dtype=torch.float32)  # complete and loadable
 
-    res = train_sft.main(base_args(world, out) + ["--resume"])
+    crashed, _ = tensorboard_events(out / "tensorboard")
+    assert [s for s, _ in crashed["loss"]] == [1, 2, 3, 4]  # step 4 was logged before its save failed
+    res = train_sft.main(base_args(world, out) + ["--resume", "--report-to", "tensorboard"])
     assert [m["step"] for m in res["metrics"]] == [3, 4]
+    scalars, _ = tensorboard_events(out / "tensorboard")
+    assert_scalars_are_metrics(scalars, read_metrics(out))
     ref = reference_run["metrics"]
     for a, b in zip(res["metrics"], ref[2:]):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(b["loss"]), (a, b)
@@ -415,3 +426,74 @@ def test_sft_lowers_loss_and_agto_raises_vas(world, tmp_path):
 
     v0, v_plain, v_guided = measure(world["model"]), measure(plain["checkpoint"]), measure(guided["checkpoint"])
     assert v_guided > 1.5 * v_plain and v_guided > 1.5 * v0, (v0, v_plain, v_guided)
+
+
+# --------------------------------------------------------------------------------------------
+# Watching a run: the curves at every save, --report-to
+# --------------------------------------------------------------------------------------------
+
+
+def test_curves_at_every_save_and_tensorboard_holds_the_metrics(world, tmp_path, monkeypatch):
+    """3 steps, checkpoints at steps 2 and 3: OUT/training_curves.png is drawn at each save from the
+    rows written so far, every panel with its curve; --report-to tensorboard holds every number of
+    metrics.jsonl at its step (read by TensorBoard's EventAccumulator) and the run config as
+    HParams, the trainer's panels as their metrics."""
+    out = tmp_path / "watch"
+    drawn, real = [], plot.save_run_curves
+
+    def spy(folder, kind, *a):
+        path = real(folder, kind, *a)
+        drawn.append((kind, len(plot.read_metrics(folder)), path))
+        return path
+
+    monkeypatch.setattr(plot, "save_run_curves", spy)
+    train_sft.main(base_args(world, out, steps=3) + ["--report-to", "tensorboard"])
+    png = str(out / plot.CURVES_PNG)
+    assert drawn == [("sft", 2, png), ("sft", 3, png)]
+    rows = read_metrics(out)
+    img = Image.open(png).convert("RGB")
+    _, axes = plot.draw_curves([(str(out), rows)], plot.SFT_PANELS)  # where the boxes are
+    for key, ax in axes.items():
+        assert plot.PALETTE[0] in {c for _, c in img.crop(ax.box).getcolors(1 << 24)}, key
+
+    scalars, hparams = tensorboard_events(out / "tensorboard")
+    assert_scalars_are_metrics(scalars, rows)
+    assert [s for s, _ in scalars["lm_loss"]] == [1, 2, 3]
+    cfg = json.load(open(out / "run_config.json"))
+    hp = hparams["_hparams_/session_start_info"].session_start_info.hparams
+    assert hp["lr"].number_value == cfg["lr"] == 2e-3 and hp["data"].string_value == world["data"]
+    assert hp["data_stats.kept"].number_value == cfg["data_stats"]["kept"] == 16
+    assert json.loads(hp["betas"].string_value) == [0.9, 0.999] and hp["resume"].string_value == "null"
+    experiment = hparams["_hparams_/experiment"].experiment
+    assert [m.name.tag for m in experiment.metric_infos] == [k for k, _, _ in plot.SFT_PANELS]
+    assert sorted(h.name for h in experiment.hparam_infos) == sorted(hp)
+    assert "_hparams_/session_end_info" in hparams  # the run ended well
+
+
+def test_wandb_offline_run_holds_the_metrics_and_config(world, tmp_path, monkeypatch):
+    """--report-to wandb with WANDB_MODE=offline and no account: the run folder wandb writes
+    (OUT/wandb/offline-run-*), read back by wandb's own reader of its transaction log (`wandb leet
+    inspect --json`), holds the run config as wandb.config, every number of each metrics.jsonl row
+    at its step, and a clean exit."""
+    for k in ("WANDB_DIR", "WANDB_NAME", "WANDB_PROJECT", "WANDB_API_KEY", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(k, raising=False)
+    for k in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(k, str(tmp_path / k.lower()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "wb"
+    train_sft.main(base_args(world, out, steps=2, save_every=0) + ["--report-to", "wandb"])
+    (run_dir,) = glob.glob(str(out / "wandb" / "offline-run-*"))
+    p = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", run_dir], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ))
+    assert p.returncode == 0, p.stderr[-2000:]
+    records = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    (run,) = [r["run"] for r in records if r["type"] == "run"]
+    assert run["display_name"] == str(out) and run["project"] == "avar"
+    assert {k: v for k, v in run["config"]["update"].items() if k != "_wandb"} == json.load(open(out / "run_config.json"))
+    history = [(r["history"]["step"]["num"], {k: v for k, v in r["history"]["item"].items() if not k.startswith("_")})
+               for r in records if r["type"] == "history"]
+    rows = read_metrics(out)
+    assert [s for s, _ in history] == [1, 2]
+    for (_, logged), row in zip(history, rows):
+        assert logged == {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+    assert [r["exit"]["exit_code"] for r in records if r["type"] == "exit"] == [0]

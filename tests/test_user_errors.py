@@ -73,6 +73,8 @@ def files(tmp_path_factory):
     (root / "empty.jsonl").write_text("\n")
     (root / "no_images.tsv").write_text("index\tquestion\tanswer\n0\tWhat is 2+3?\t5\n")
     (root / "cut_preds.jsonl").write_text('{"id": "0", "correct": true, "vas": 1.0}\nnot json\n{"id": "1"}\n')
+    os.makedirs(root / "cut_run")
+    (root / "cut_run" / "metrics.jsonl").write_text('{"step": 1, "lm_loss": 2.0}\n{"step": 2,\n{"step": 3}\n')
     (root / "bench.jsonl").write_text(json.dumps({"id": "0", "images": ["a.png"], "question": "Which?",
                                                   "answer": "grey"}) + "\n")
     return root
@@ -122,6 +124,7 @@ CASES = {  # name: (command, the file the message must name)
     "vas missing tokenizer": (VAS + ["--model", "{root}/no_tokenizer", "--image", "{root}/a.png"], "tokenizer.json"),
     "vas truncated safetensors": (VAS + ["--model", "{root}/truncated", "--image", "{root}/a.png"],
                                   "truncated/model.safetensors"),
+    "plot bad metrics line": (["plot.py", "{root}/cut_run", "--out", "{root}/curves.png"], "cut_run/metrics.jsonl: line 2"),
     "synthesize missing input": (["synthesize.py", "--input", "{root}/nope.jsonl", "--output", "{root}/o.jsonl",
                                   "--model", "teacher", "--base-url", "http://127.0.0.1:9/v1"], "nope.jsonl"),
     "synthesize non-utf8 input": (["synthesize.py", "--input", "{root}/latin1.jsonl", "--output",
@@ -142,3 +145,21 @@ def test_user_error_is_one_message(files, case):
     assert len(errors) == 1, p.stderr[-3000:]
     message = p.stderr[p.stderr.index("error: "):]  # its first line, and the records it lists
     assert named in message, message
+
+
+@pytest.mark.parametrize("script, kind, hidden", [("train_sft.py", "wandb", ["wandb"]),
+                                                  ("train_grpo.py", "tensorboard", ["tensorboard", "torch.utils.tensorboard"])])
+def test_report_to_without_its_package_is_one_message(files, script, kind, hidden):
+    """--report-to with its package missing (hidden from import in the script's process): one
+    `error:` line that says what to install, before any data or model is read."""
+    base = SFT if script == "train_sft.py" else GRPO
+    argv = [a.format(root=files) for a in base + ["--data", "{root}/nope.jsonl", "--model", "{root}/model",
+                                                  "--report-to", kind]]
+    code = (f"import runpy, sys; sys.modules.update(dict.fromkeys({hidden!r})); sys.argv = {argv!r}; "
+            f"runpy.run_path({script!r}, run_name='__main__')")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: --report-to {kind}: ") and \
+        errors[0].endswith(f"pip install {kind}"), p.stderr[-3000:]
