@@ -6,7 +6,8 @@ A model folder, as the hub has it and transformers writes it:
     model.safetensors                   the weights, or, above a shard size, several files
     model-0000i-of-0000n.safetensors      listed by model.safetensors.index.json (`checkpoint_files`)
     tokenizer.json, chat_template.jinja, generation_config.json, preprocessor_config.json, ...
-                                        carried along unchanged (`HUB_FILES`, `copy_hub_files`)
+                                        carried along unchanged (`HUB_FILES`, `read_hub_files`,
+                                          `write_hub_files`)
 
 A .safetensors file is an 8-byte little-endian header length n, n bytes of JSON
 {name: {dtype, shape, data_offsets: [start, end]}} (plus an optional "__metadata__"), then the raw
@@ -82,7 +83,7 @@ def config_dtype(path: str) -> torch.dtype:
             if c.get(key) is not None:
                 name = str(c[key]).removeprefix("torch.")
                 if name not in DTYPES:
-                    raise ValueError(f"{path}/config.json: {key} {c[key]!r} is none of {sorted(DTYPES)}")
+                    raise UserError(f"{path}/config.json: {key} {c[key]!r} is none of {sorted(DTYPES)}")
                 return DTYPES[name]
     return torch.float32
 
@@ -100,12 +101,24 @@ def checkpoint_files(path: str):
     raise UserError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
 
 
-def copy_hub_files(src: str, dst: str, image_processor=None):
-    """The source folder's tokenizer, template, generation and preprocessor files; the
-    preprocessor's pixel bounds set to those of this run (for evaluation and RL to match)."""
-    for f in HUB_FILES:
-        if os.path.exists(os.path.join(src, f)):
-            shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+def read_hub_files(src: str) -> dict:
+    """{name: bytes} of the HUB_FILES the folder has: read once when a run starts, so that its
+    checkpoints carry them even after the folder is gone (a resumed run's own older checkpoint,
+    removed by --keep-last)."""
+    files = {}
+    for name in HUB_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            with open(os.path.join(src, name), "rb") as f:
+                files[name] = f.read()
+    return files
+
+
+def write_hub_files(files: dict, dst: str, image_processor=None):
+    """The hub files read by read_hub_files, into folder `dst`; the preprocessor's pixel bounds set
+    to those of this run (for evaluation and RL to match)."""
+    for name, content in files.items():
+        with open(os.path.join(dst, name), "wb") as f:
+            f.write(content)
     if image_processor is None:
         return
     pre = os.path.join(dst, "preprocessor_config.json")

@@ -534,7 +534,7 @@ class Run:
     improc: ImageProcessor
     ds: PromptDataset
     init_dir: str  # the initial policy, also the reference of the KL term (after a resume too)
-    model_dir: str  # the folder the weights came from (a checkpoint when resumed)
+    source: training.SaveSource  # what checkpoints take from the folder the weights came from
     model: torch.nn.Module
     ref_model: torch.nn.Module | None
     optimizer: torch.optim.Optimizer
@@ -572,6 +572,7 @@ def setup(args, dctx) -> Run:
     # resumed run is still the initial policy
     init_dir = state["init_model"] if state is not None else check_model_folder(args.model)
     model_dir = ckpt or init_dir
+    source = training.save_source(model_dir, args.save_dtype)  # read now: --keep-last may remove model_dir
 
     tok = Tokenizer(model_dir)
     improc = ImageProcessor.from_pretrained(model_dir, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
@@ -609,7 +610,7 @@ def setup(args, dctx) -> Run:
     dctx.print0("config: " + json.dumps(config, default=str))
     if dctx.rank == 0:
         training.start_run_files(args.out, config, start)
-    return Run(args, dctx, tok, improc, ds, init_dir, model_dir, model, ref_model, optimizer, autocast,
+    return Run(args, dctx, tok, improc, ds, init_dir, source, model, ref_model, optimizer, autocast,
                steps_per_epoch, total_steps, start, ckpt, config)
 
 
@@ -704,8 +705,8 @@ def save(run: Run, step: int):
                  steps_per_epoch=run.steps_per_epoch, prompts_per_step=args.prompts_per_step,
                  group_size=args.group_size, num_records=len(run.ds), seed=args.seed, total_steps=run.total_steps,
                  world_size=run.dctx.world, init_model=run.init_dir, args=vars(args))
-    run.last_ckpt = training.save_checkpoint(run.model, run.optimizer, run.dctx, args.out, step, state, run.model_dir,
-                                             args.save_dtype, args.keep_last, run.improc)
+    run.last_ckpt = training.save_checkpoint(run.model, run.optimizer, run.dctx, args.out, step, state, run.source,
+                                             args.keep_last, run.improc, previous=run.last_ckpt)
 
 
 if __name__ == "__main__":

@@ -224,7 +224,7 @@ class Run:
     tok: Tokenizer
     improc: ImageProcessor
     ds: SFTDataset
-    model_dir: str  # the folder the weights came from (a checkpoint when resumed)
+    source: training.SaveSource  # what checkpoints take from the folder the weights came from
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     autocast: object  # the context of the forwards (bf16 autocast in one process)
@@ -258,6 +258,7 @@ def setup(args, dctx) -> Run:
     if args.resume and ckpt is None:
         dctx.print0(f"--resume: no checkpoint in {args.out}, starting from {args.model}")
     model_dir = ckpt or check_model_folder(args.model)  # a run folder (an SFT run for more SFT): its latest
+    source = training.save_source(model_dir, args.save_dtype)  # read now: --keep-last may remove model_dir
 
     tok = Tokenizer(model_dir)
     improc = ImageProcessor.from_pretrained(model_dir, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
@@ -293,7 +294,7 @@ def setup(args, dctx) -> Run:
                     "overwrites them")
     if dctx.rank == 0:
         training.start_run_files(args.out, config, start)
-    return Run(args, dctx, tok, improc, ds, model_dir, model, optimizer, autocast, accum, steps_per_epoch,
+    return Run(args, dctx, tok, improc, ds, source, model, optimizer, autocast, accum, steps_per_epoch,
                total_steps, warmup, start, ckpt, config)
 
 
@@ -423,8 +424,8 @@ def save(run: Run, step: int):
                  steps_per_epoch=run.steps_per_epoch, batch_size=args.batch_size, num_records=len(run.ds),
                  seed=args.seed, group_by_length=not args.no_group_by_length, total_steps=run.total_steps,
                  warmup_steps=run.warmup, world_size=run.dctx.world, args=vars(args))
-    run.last_ckpt = training.save_checkpoint(run.model, run.optimizer, run.dctx, args.out, step, state, run.model_dir,
-                                             args.save_dtype, args.keep_last, run.improc)
+    run.last_ckpt = training.save_checkpoint(run.model, run.optimizer, run.dctx, args.out, step, state, run.source,
+                                             args.keep_last, run.improc, previous=run.last_ckpt)
 
 
 if __name__ == "__main__":
