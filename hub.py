@@ -19,7 +19,8 @@ in shards, `write_model_folder` a whole folder. Newer transformers name the weig
 A training run's folder (train_sft.py's or train_grpo.py's --out) holds step_N checkpoints, each a
 model folder, and a file `latest` naming the newest: `resolve_checkpoint` turns either kind of
 folder into a model folder, `check_model_folder` also checks that it is one. `replace_dir` puts a
-completely written folder in place of an old one.
+completely written folder in place of an old one. `model_identity` names the weights a result came
+from: the folder and a sha256 fingerprint of its config.json and weight files.
 
 model.py builds the model from what this module reads (`from_pretrained`) and writes its state
 through it (`save_pretrained`).
@@ -27,9 +28,11 @@ through it (`save_pretrained`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from safetensors.torch import save_file
@@ -147,6 +150,49 @@ def replace_dir(src: str, dst: str):
         shutil.rmtree(old)
     else:
         os.rename(src, dst)
+
+
+# --------------------------------------------------------------------------------------------
+# The identity of a model folder's weights
+# --------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str, block: int = 8 << 20) -> str:
+    """sha256 of a whole file, read in 8 MiB blocks (what `sha256sum` prints, and what the hub
+    lists for a file it stores with LFS)."""
+    h, buf = hashlib.sha256(), bytearray(block)
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def fingerprint_files(path: str) -> list[str]:
+    """The files that make a model folder's weights, in name order: config.json, the index if
+    there is one, and the safetensors files (`checkpoint_files`)."""
+    names = ["config.json", *[os.path.basename(f) for f in checkpoint_files(path)]]
+    if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
+        names.append("model.safetensors.index.json")
+    return sorted(names)
+
+
+def model_identity(path: str) -> dict:
+    """{"folder": absolute path, "sha256": the fingerprint, "files": {name: sha256}} of a model
+    folder (or a run folder's `latest`). The fingerprint is the sha256 of the `sha256sum` listing
+    of `fingerprint_files`, so every byte of every weight file is in it:
+
+        cd FOLDER && sha256sum config.json model*.safetensors* | sha256sum   # (LC_ALL=C order)
+
+    Each file is read once in full, the files in parallel threads (hashlib releases the GIL): on
+    one core about as long as reading the weights to load them (`bench/bench_fingerprint.py`)."""
+    folder = os.path.abspath(check_model_folder(path))
+    names = fingerprint_files(folder)
+    with ThreadPoolExecutor(max_workers=min(len(names), os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(file_sha256, [os.path.join(folder, n) for n in names]))
+    listing = "".join(f"{d}  {n}\n" for n, d in zip(names, digests))
+    return {"folder": folder, "sha256": hashlib.sha256(listing.encode()).hexdigest(),
+            "files": dict(zip(names, digests))}
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ Run:
 One process: the plain model (float32 weights, bf16 autocast on CUDA). Several (torchrun) or
 --fsdp: FSDP2 (each vision block, each decoder layer, then the root), bf16 parameters for compute,
 float32 gradient reduction, float32 sharded master weights. Outputs under --out:
-    run_config.json        all arguments and derived settings of the run
+    run_config.json        all arguments and derived settings of the run, and its provenance (the
+                           command, the weights' fingerprint, git commit, torch, device: provenance.py)
     metrics.jsonl          one line per optimizer step
     step_N/                the model folder as the hub has it, ready to upload: config.json (with its
                            dtype) + model.safetensors in the source model's dtype (--save-dtype), and
@@ -68,6 +69,7 @@ import training
 import vas
 from data import IGNORE, IMAGE, DataError, ImageProcessor, SFTDataset, Tokenizer, UserError, collate, run_cli
 from hub import check_model_folder
+from provenance import provenance
 
 parser = argparse.ArgumentParser(description="Cold-start SFT of Qwen2.5-VL with the attention-guided objective",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -292,7 +294,8 @@ def setup(args, dctx) -> Run:
     if ckpt is None and os.path.exists(os.path.join(args.out, "latest")):
         dctx.print0(f"warning: {args.out} holds checkpoints of an earlier run; this run starts afresh and "
                     "overwrites them")
-    if dctx.rank == 0:
+    if dctx.rank == 0:  # the command, weights (fingerprint), code version and machine
+        config.update(save_dtype_resolved=str(source.dtype), provenance=provenance(model_dir, dctx.device, dtype))
         training.start_run_files(args.out, config, start)
     return Run(args, dctx, tok, improc, ds, source, model, optimizer, autocast, accum, steps_per_epoch,
                total_steps, warmup, start, ckpt, config)

@@ -293,9 +293,19 @@ def weights_checksum(model, use_fsdp):
 
 def start_run_files(out: str, config: dict, start: int):
     """Write OUT/run_config.json (the run's full config) and cut OUT/metrics.jsonl back to the
-    steps a resumed run does not redo. Rank 0 only."""
+    steps a resumed run does not redo. A resumed run keeps, under "earlier", the start step and
+    "provenance" of each run before it in the folder (what produced the steps it continues). Rank 0 only."""
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "run_config.json"), "w") as f:
+    config_path = os.path.join(out, "run_config.json")
+    config = dict(config, start_step=start)
+    if start > 0 and os.path.exists(config_path):
+        try:
+            with open(config_path) as f:
+                old = json.load(f)
+        except ValueError:  # cut by a kill during its write
+            old = {}
+        config["earlier"] = old.get("earlier", []) + [{k: old.get(k) for k in ("start_step", "provenance")}]
+    with open(config_path, "w") as f:
         json.dump(config, f, indent=2, default=str)
     metrics_path = os.path.join(out, "metrics.jsonl")
     if os.path.exists(metrics_path):

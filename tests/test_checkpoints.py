@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+import hub
 import train_grpo
 import train_sft
 import training
@@ -310,16 +311,23 @@ def test_fsdp_resume_restores_the_float32_master_weights(world, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# A resumed run under --keep-last; `latest` while a resumed run replaces steps
+# A resumed run under --keep-last; `latest` while a resumed run replaces steps; provenance
 # --------------------------------------------------------------------------------------------
 
 
+def git_head():
+    return subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 @pytest.mark.parametrize("trainer", ["sft", "grpo"])
-def test_resume_under_keep_last_depends_on_no_removed_file(world, tmp_path, trainer):
+def test_resume_under_keep_last_depends_on_no_removed_file(world, tmp_path, trainer, monkeypatch):
     """A run resumed from step_1 with --keep-last 1 --save-every 1: saving step_2 removes step_1,
     the folder the run loaded; steps 3 and 4 are still saved as bf16 hub folders carrying the
     source's files (their dtype and files were read when the run started), the steps equal the
-    uninterrupted run's, and only step_4 is left."""
+    uninterrupted run's, and only step_4 is left. run_config.json records the command, the
+    checkpoint resumed from with its fingerprint, the code version and the machine, and keeps the
+    first run's provenance under "earlier"."""
     if trainer == "sft":
         def main(out, *extra):
             return train_sft.main(sft_args(world, out, "--save-every", "1", *extra))["metrics"]
@@ -330,15 +338,28 @@ def test_resume_under_keep_last_depends_on_no_removed_file(world, tmp_path, trai
                                    reward_fn=parity_reward)["metrics"]
         max_pixels = 112 * 112
     a, b = tmp_path / "a", tmp_path / "b"
+    monkeypatch.setattr(sys, "argv", [f"train_{trainer}.py", "--out", str(a)])
     ref = main(a)
     shutil.copytree(a, b, ignore=shutil.ignore_patterns("step_[234]*"))
     (b / "latest").write_text("step_1\n")
+    monkeypatch.setattr(sys, "argv", [f"train_{trainer}.py", "--out", str(b), "--resume", "--keep-last", "1"])
     got = main(b, "--resume", "--keep-last", "1")
     key = "loss" if trainer == "sft" else "reward"
     assert [(m["step"], m[key]) for m in got] == [(m["step"], m[key]) for m in ref[1:]]
     assert sorted(f for f in os.listdir(b) if f.startswith("step_")) == ["step_4"]
     assert os.listdir(b / "train_state") == ["step_4.pt"]
     check_hub_checkpoint(world, b, "step_4", max_pixels=max_pixels)
+
+    config = json.load(open(b / "run_config.json"))
+    prov = config["provenance"]
+    assert prov["command"] == f"train_{trainer}.py --out {b} --resume --keep-last 1"
+    assert prov["model"] == dict(hub.model_identity(str(a / "step_1")), folder=str(b / "step_1"))  # a copy
+    assert prov["code"]["commit"] == git_head() and isinstance(prov["code"]["dirty"], bool)
+    assert (prov["torch"], prov["device"], prov["dtype"], prov["threads"]) == (torch.__version__, "cpu", "float32", 1)
+    assert config["start_step"] == 1 and config["save_dtype_resolved"] == "torch.bfloat16"
+    (first,) = config["earlier"]
+    assert first["start_step"] == 0 and first["provenance"]["model"] == hub.model_identity(world["model"])
+    assert first["provenance"]["command"] == f"train_{trainer}.py --out {a}"
 
 
 @pytest.fixture(scope="module")
