@@ -53,7 +53,7 @@ import data  # noqa: E402
 import toy  # noqa: E402
 import vas  # noqa: E402
 from data import build_prompt  # noqa: E402
-from hub import resolve_checkpoint  # noqa: E402
+from hub import model_identity, resolve_checkpoint  # noqa: E402
 from model import from_pretrained  # noqa: E402
 from vas import betainc, pearson  # noqa: E402
 
@@ -112,6 +112,21 @@ def per_family(pred_path, families):
             right[fam] += bool(p["correct"])
             total[fam] += 1
     return {fam: 100.0 * r / max(n, 1) for fam, r, n in zip(families, right, total)}
+
+
+def eval_state(folder, model_dir, n_settings):
+    """"done": `folder` holds a finished evaluation (a row per setting) of the weights in
+    `model_dir` as they are now; "other": it holds one of other weights (the arm was trained
+    again), which evaluate.py would refuse; None: no evaluation yet, or an unfinished one."""
+    try:
+        with open(os.path.join(folder, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    made_by = ((summary.get("provenance") or {}).get("model") or {}).get("sha256")
+    if made_by != model_identity(model_dir)["sha256"]:
+        return "other"
+    return "done" if len(summary.get("rows", [])) == n_settings else None
 
 
 def read_eval(folder, families):
@@ -437,7 +452,10 @@ def main():
             sweep = (["--a-img", *map(str, args.a_img), "--a-sys", *map(str, args.a_sys)]
                      if arm == "sft_multimodal" else [])
             folder = os.path.join(out, "eval", f"{arm}_s{s}")
-            if not os.path.exists(os.path.join(folder, "summary.json")):
+            state = eval_state(folder, model, len({(a, b) for a in args.a_img for b in args.a_sys}) if sweep else 1)
+            if state == "other":
+                shutil.rmtree(folder)
+            if state != "done":  # an unfinished evaluation of these weights continues
                 run(ev + ["--model", model, "--out", folder, *sweep], log=folder + ".log")
             rows = read_eval(folder, families)
             r = rows["base"]

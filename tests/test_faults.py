@@ -314,7 +314,8 @@ def test_evaluate_undecodable_image(rl_world, tmp_path):
     records = E.read_benchmark(rl_world["data"])  # the cut JPEG passes the reader
     assert [r["id"] for r in records] == [f"r{i}" for i in range(8)]
     out = tmp_path / "preds.jsonl"
-    kw = dict(batch_size=2, max_new_tokens=3, progress=False, vas=False)
+    kw = dict(batch_size=2, max_new_tokens=3, progress=False, vas=False,
+              weights=hub.model_identity(rl_world["model"]))
     with pytest.raises(DataError, match=r"id 'r5'.*5\.jpeg"):
         E.evaluate_benchmark(model, tok, proc, records, out, **kw)
     assert [p["id"] for p in E.read_predictions(out)] == ["r0", "r1", "r2", "r3"]  # batches before r5's
