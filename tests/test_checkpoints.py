@@ -371,21 +371,28 @@ def four_steps(world, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("extra", [["--save-every", "2"], ["--save-every", "1", "--keep-last", "1"]],
-                         ids=["replaces-latest", "keep-last"])
-def test_latest_always_names_a_complete_checkpoint(world, four_steps, tmp_path, monkeypatch, extra):
+@pytest.mark.parametrize("extra", [["--save-every", "2"], ["--save-every", "1", "--keep-last", "1"],
+                                   ["--save-every", "2"]], ids=["replaces-latest", "keep-last", "fresh-run"])
+def test_latest_always_names_a_complete_checkpoint(world, four_steps, tmp_path, monkeypatch, extra, request):
     """A run resumed from step_2 while `latest` names the earlier run's step_4, with another weight
     of L_enhance (so its steps differ), saving every 2 steps (it replaces step_4, which `latest`
     names) or every step under --keep-last 1 (step_4 of the earlier run is newer than the step it
     saves): before and after every rename, replace and removal, `latest` names a checkpoint folder
     that exists, whose train state belongs to it (the bf16 weights on disk are the train state's
-    float32 master weights rounded)."""
+    float32 master weights rounded). A fresh run (no --resume) in a folder whose `latest` names
+    step_2 has no checkpoint of its own to fall back on while it replaces that step_2: there
+    `latest` may be absent, never wrong."""
+    fresh = request.node.callspec.id == "fresh-run"
     out = tmp_path / "run"
     shutil.copytree(four_steps, out)
+    if fresh:
+        (out / "latest").write_text("step_2\n")
     old4 = (out / "step_4" / "model.safetensors").read_bytes()
     seen = []
 
     def check():
+        if fresh and not (out / "latest").exists():
+            return
         name = (out / "latest").read_text().strip()
         seen.append(name)
         ckpt = out / name
@@ -401,7 +408,8 @@ def test_latest_always_names_a_complete_checkpoint(world, four_steps, tmp_path, 
                 real(*a, **k)
                 check()
             m.setattr(mod, fn, checked)
-        train_sft.main(sft_args(world, out, "--resume", str(out / "step_2"), "--agto-alpha", "1", *extra))
+        resume = [] if fresh else ["--resume", str(out / "step_2")]
+        train_sft.main(sft_args(world, out, *resume, "--agto-alpha", "1", *extra))
     assert len(seen) >= 8 and (out / "latest").read_text() == "step_4\n"
     assert (out / "step_4" / "model.safetensors").read_bytes() != old4  # replaced by this run's step 4
     check()
