@@ -4,8 +4,8 @@ Benchmark files are read by benchmarks.py (VLMEvalKit TSV and the project's json
 describes the records) and answers graded by grading.py (extract_answer, grade, format_ok; its
 docstring has the rules). read_benchmark and grade are re-exported here. This file holds:
 
-  evaluate_benchmark(model, tok, proc, records, out_path, setting=Setting(), ...) -> summary row
-  evaluate(model, tok, proc, benchmarks, out_dir, settings, ...) -> rows; writes summary.md/.json
+  evaluate_benchmark(model, tok, proc, records, out_path, weights=..., setting=Setting(), ...) -> row
+  evaluate(model, tok, proc, benchmarks, out_dir, settings, weights=..., ...) -> rows; summary.md/.json
   correlate(paths) -> {"r", "p", "n", "files"}: Pearson r between mean VAS and accuracy
 
 Each batch of questions is encoded, answered by batched generation (KV cache, the intervention
@@ -15,7 +15,8 @@ vas.band: "narrow" < 10 <= "wide" <= 15 < "panoramic"), and graded. Across check
 gives Pearson r between mean VAS and accuracy, with its p-value from Student's t.
 
 Predictions file out/predictions/<benchmark>__<setting>.jsonl, one line per question:
-  {"id", "benchmark", "setting": {a_img, a_sys, layers}, "config": {max_new_tokens, temperature,
+  {"id", "benchmark", "weights": {folder, sha256} (the checkpoint that answered: hub.model_identity),
+   "setting": {a_img, a_sys, layers}, "config": {max_new_tokens, temperature,
    top_p, seed, min_pixels, max_pixels, vas, vas_layers}, "answer" (gold), "answer_type", "response",
    "extracted", "correct", "stopped" (ended on a stop token rather than at max_new_tokens),
    "new_tokens", "prompt_tokens", "vas", "vas_per_layer" (VAS of each layer in "vas_layers"),
@@ -24,9 +25,13 @@ VAS is null for a prompt it does not count (no image or no system turn); "answer
 are null on a test split without answers (predicted, not scored).
 Beside it, <benchmark>__<setting>.tsv: the VLMEvalKit-style table (index, question, answer,
 prediction, hit, extracted), rewritten when the benchmark is done.
-Lines are appended and flushed batch by batch. A rerun with the same arguments skips the ids
-already in the file; the half-written last line a crash may leave is cut off and redone. A file
-written with another setting or config is refused rather than mixed.
+Lines are appended and flushed batch by batch. A rerun skips the ids already in the file when they
+were made by the same weights (the same sha256 fingerprint, wherever the folder now is), setting and
+config; the half-written last line a crash may leave is cut off and redone. A file made by other
+weights (another checkpoint, or a run folder whose `latest` has moved on), another setting or
+config is refused before anything is generated or written, rather than mixed: one error naming it.
+summary.md / summary.json name the checkpoint of every row; summary.json also holds the command
+line, config and provenance (provenance.py: weights, code version, torch, device, dtype, threads).
 
 Run:
 
@@ -48,8 +53,9 @@ import torch
 from benchmarks import IMAGE_ERRORS, encode_record, read_benchmark, read_benchmark_file
 from data import PAD_ROLE, DataError, ImageProcessor, Tokenizer, UserError, run_cli
 from grading import extract_answer, grade
-from hub import resolve_checkpoint
+from hub import check_model_folder
 from model import from_pretrained
+from provenance import provenance
 from release import read_format_prompt
 from vas import Intervention, band, measure_vas, parse_layers, pearson
 from vas import vas as vas_of_stats
@@ -134,7 +140,7 @@ def _measure_vas(model, encs: list[dict], setting: Setting, layers=None) -> list
 def read_predictions(path: str | Path, repair: bool = False) -> list[dict]:
     """The records of a predictions jsonl. A last line that is cut short (no newline, or not valid
     JSON: a crash during the write) is ignored, and with `repair` removed from the file so that
-    appending can continue. A bad line anywhere else raises ValueError naming file and line."""
+    appending can continue. A bad line anywhere else is a UserError naming file and line."""
     path = Path(path)
     if not path.exists():
         return []
@@ -154,7 +160,7 @@ def read_predictions(path: str | Path, repair: bool = False) -> list[dict]:
                     raise ValueError("no newline")
             except (ValueError, UnicodeDecodeError) as e:
                 if not last:
-                    raise ValueError(f"{path}: line {n}: bad prediction record ({e})") from None
+                    raise UserError(f"{path}: line {n}: bad prediction record ({e})") from None
                 break
             preds.append(obj)
         good_end = end
@@ -165,21 +171,39 @@ def read_predictions(path: str | Path, repair: bool = False) -> list[dict]:
     return preds
 
 
-def _check_same_run(path, pred: dict, setting: dict, config: dict) -> None:
+def _short(weights) -> str:
+    """A checkpoint as tables and messages name it: its folder and the first 12 hex digits of its
+    fingerprint ("-" for predictions that do not name their weights)."""
+    if not isinstance(weights, dict):
+        return "-"
+    return f"{weights.get('folder')} (sha256 {str(weights.get('sha256'))[:12]})"
+
+
+def _check_same_run(path, pred: dict, weights: dict, setting: dict, config: dict) -> None:
+    """A UserError unless prediction `pred` of file `path` was made by the same weights (fingerprint),
+    setting and config as this run."""
+    again = f"choose another --out folder, or delete {path} to start afresh"
+    was = pred.get("weights")
+    if not isinstance(was, dict) or was.get("sha256") != weights["sha256"]:
+        made = (f"by the weights of {_short(was)}" if isinstance(was, dict)
+                else "by weights it does not name (an older evaluate.py)")
+        raise UserError(f"{path}: id {pred.get('id')!r} was made {made}; this run evaluates {_short(weights)}: "
+                        f"{again}")
     for key, want in (("setting", setting), ("config", config)):
         if pred.get(key) != want:
-            raise ValueError(f"{path}: id {pred.get('id')!r} was made with {key} {pred.get(key)}, this run "
-                             f"uses {want}: choose another output folder (or delete the file)")
+            raise UserError(f"{path}: id {pred.get('id')!r} was made with {key} {pred.get(key)}, this run "
+                            f"uses {want}: {again}")
 
 
 # ---- the sweep, and one benchmark in batches ----
 
 def evaluate(model, tok: Tokenizer, proc: ImageProcessor, benchmarks, out_dir: str | Path,
-             settings=(Setting(),), limit: int | None = None, **kw) -> list[dict]:
+             settings=(Setting(),), limit: int | None = None, info: dict | None = None, **kw) -> list[dict]:
     """Every benchmark under every intervention setting (a sweep: one predictions file each); writes
-    out_dir/summary.md and out_dir/summary.json and returns the rows. `kw` goes to evaluate_benchmark.
-    benchmarks: file paths, or record lists already read by read_benchmark. All files are read (and
-    so checked) before the first generation."""
+    out_dir/summary.md and out_dir/summary.json ({"rows", **info}: main() puts the config and
+    provenance there) and returns the rows. `kw` goes to evaluate_benchmark (`weights` included).
+    benchmarks: file paths, or record lists already read by read_benchmark. All benchmark files are
+    read, and all predictions files already in out_dir checked, before the first generation."""
     out_dir = Path(out_dir)
     benches = []
     for bench in benchmarks:
@@ -191,25 +215,30 @@ def evaluate(model, tok: Tokenizer, proc: ImageProcessor, benchmarks, out_dir: s
             raise UserError(f"{bench if not isinstance(bench, list) else name}: a second benchmark named "
                              f"{name!r} (predictions files are named by the file stem)")
         benches.append((name, records[:limit] if limit is not None else records))
+    jobs = [(setting, records, out_dir / "predictions" / f"{name}__{setting.tag}.jsonl")
+            for setting in settings for name, records in benches]
+    for setting, records, path in jobs:  # another model's (or setting's) file: refused before any write
+        evaluate_benchmark(model, tok, proc, records, path, setting=setting, check_only=True, **kw)
     rows = []
-    for setting in settings:
-        for name, records in benches:
-            rows.append(evaluate_benchmark(model, tok, proc, records,
-                                           out_dir / "predictions" / f"{name}__{setting.tag}.jsonl",
-                                           setting=setting, **kw))
-            rows[-1]["setting_detail"] = setting.to_dict()
-            write_summary(rows, out_dir)  # after each file, so an interrupted sweep keeps its table
+    write_summary(rows, out_dir, info)
+    for setting, records, path in jobs:
+        rows.append(evaluate_benchmark(model, tok, proc, records, path, setting=setting, **kw))
+        rows[-1]["setting_detail"] = setting.to_dict()
+        write_summary(rows, out_dir, info)  # after each file, so an interrupted sweep keeps its table
     return rows
 
 
 def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: list[dict], out_path: str | Path, *,
-                       setting: Setting = Setting(), batch_size: int = 8, max_new_tokens: int = 512,
+                       weights: dict, setting: Setting = Setting(), batch_size: int = 8, max_new_tokens: int = 512,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, vas: bool = True,
                        vas_layers=None, progress: bool = True, on_batch=None, compile: bool = False,
-                       skip_bad: bool = False, format_prompt=None) -> dict:
+                       skip_bad: bool = False, format_prompt=None, check_only: bool = False) -> dict | None:
     """Answer `records` (one benchmark) with `model` and grade them; returns the summary row.
 
-    Predictions go to `out_path` (a jsonl, appended batch by batch; ids already there are skipped).
+    `weights` names the checkpoint `model` holds ({"folder", "sha256"}: hub.model_identity of the
+    folder it was loaded from); every prediction carries it. Predictions go to `out_path` (a jsonl,
+    appended batch by batch; ids already there, made by the same weights, setting and config, are
+    skipped; a file made otherwise is a UserError). check_only: that check alone, nothing written.
     Each batch: encode the prompts, generate (KV cache, intervention `setting` in every decode step),
     measure VAS on the prompts (user-turn queries, the same intervention) unless `vas` is False, and
     grade. Sampling (temperature > 0) draws from seed + the batch's first record index, so a resumed
@@ -221,12 +250,15 @@ def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: lis
     with skip_bad it is left out, logged and counted in the row's "skipped" (a rerun tries it again).
     """
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    weights = {"folder": weights["folder"], "sha256": weights["sha256"]}
     config = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
               "min_pixels": proc.min_pixels, "max_pixels": proc.max_pixels, "vas": vas,
               "vas_layers": sorted(int(l) for l in vas_layers) if vas_layers is not None else None,
               "format_prompt": format_prompt.source if format_prompt is not None else None}
-    done = _resume(out_path, records, setting, config)  # id -> prediction already in the file
+    done = _resume(out_path, records, weights, setting, config, repair=not check_only)  # id -> prediction
+    if check_only:
+        return None
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     todo = [(i, r) for i, r in enumerate(records) if r["id"] not in done]
     bar = _progress_bar(records, todo, out_path, setting) if progress else None
     log = bar.write if bar is not None else print
@@ -245,7 +277,7 @@ def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: lis
             outs = _generate(model, tok, encs, setting, seed=seed + chunk[0][0], max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, compile=compile)
             vas_values = _measure_vas(model, encs, setting, vas_layers) if vas else [(None, None, None)] * len(encs)
-            preds = [_prediction(tok, rec, enc, out, v, setting, config)
+            preds = [_prediction(tok, rec, enc, out, v, weights, setting, config)
                      for (_, rec), enc, out, v in zip(chunk, encs, outs, vas_values)]
             _append(f, preds)
             done.update((p["id"], p) for p in preds)
@@ -259,19 +291,20 @@ def evaluate_benchmark(model, tok: Tokenizer, proc: ImageProcessor, records: lis
     write_prediction_table(kept, [done[r["id"]] for r in kept], out_path.with_suffix(".tsv"))
     row = summarize([done[r["id"]] for r in kept])
     row.update(benchmark=records[0].get("benchmark") if records else out_path.stem, setting=setting.tag,
-               predictions=str(out_path), skipped=len(skipped))
+               weights=weights, predictions=str(out_path), skipped=len(skipped))
     return row
 
 
-def _resume(out_path: Path, records: list[dict], setting: Setting, config: dict) -> dict:
-    """{id: prediction} of the predictions already in out_path (a cut last line is removed), each
-    checked to come from this setting and config."""
+def _resume(out_path: Path, records: list[dict], weights: dict, setting: Setting, config: dict,
+            repair: bool = True) -> dict:
+    """{id: prediction} of the predictions already in out_path (with `repair`, a cut last line is
+    removed), each checked to come from these weights, this setting and config."""
     ids = [r["id"] for r in records]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{out_path}: the records repeat ids")
+        raise UserError(f"{out_path}: the records repeat ids")
     done = {}
-    for p in read_predictions(out_path, repair=True):
-        _check_same_run(out_path, p, setting.to_dict(), config)
+    for p in read_predictions(out_path, repair=repair):
+        _check_same_run(out_path, p, weights, setting.to_dict(), config)
         done[p["id"]] = p
     return done
 
@@ -329,14 +362,14 @@ def _grade_record(rec: dict, extracted: str | None) -> bool | None:
                  precision=rec.get("precision"), unit=rec.get("unit"))
 
 
-def _prediction(tok: Tokenizer, rec: dict, enc: dict, out: list[int], vas_value: tuple, setting: Setting,
-                config: dict) -> dict:
+def _prediction(tok: Tokenizer, rec: dict, enc: dict, out: list[int], vas_value: tuple, weights: dict,
+                setting: Setting, config: dict) -> dict:
     """One line of the predictions file (its fields are listed in the module docstring)."""
     v, v_layers, v_ids = vas_value
     response = tok.decode_response(out)
     extracted = extract_answer(response)
     return {
-        "id": rec["id"], "benchmark": rec.get("benchmark"), "setting": setting.to_dict(),
+        "id": rec["id"], "benchmark": rec.get("benchmark"), "weights": weights, "setting": setting.to_dict(),
         "config": config, "answer": rec["answer"], "answer_type": rec.get("answer_type"),
         "response": response, "extracted": extracted, "correct": _grade_record(rec, extracted),
         "stopped": bool(out) and out[-1] in tok.stop_ids, "new_tokens": len(out),
@@ -398,21 +431,23 @@ def _fmt(x, digits=2) -> str:
 
 
 def summary_table(rows: list[dict]) -> str:
-    """Markdown table, one row per (benchmark, setting); with several benchmarks, a "mean" row per
-    setting (unweighted mean over benchmarks, as the paper's "avg" column)."""
-    lines = ["| benchmark | setting | n | accuracy | mean VAS | band |", "|---|---|---|---|---|---|"]
+    """Markdown table, one row per (benchmark, setting), naming the checkpoint; with several
+    benchmarks, a "mean" row per setting (unweighted mean over benchmarks, as the paper's "avg" column)."""
+    lines = ["| benchmark | setting | n | accuracy | mean VAS | band | checkpoint |", "|---|---|---|---|---|---|---|"]
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     for s in settings:
         group = [r for r in rows if r["setting"] == s]
         for r in group:
-            lines.append(f"| {r['benchmark']} | {s} | {r['n']} | {_fmt(r['accuracy'])} | {_fmt(r['mean_vas'])} | {r['band']} |")
+            lines.append(f"| {r['benchmark']} | {s} | {r['n']} | {_fmt(r['accuracy'])} | {_fmt(r['mean_vas'])} | "
+                         f"{r['band']} | {_short(r.get('weights'))} |")
         if len(group) > 1:
             acc = [r["accuracy"] for r in group if r["accuracy"] is not None]
             vas = [r["mean_vas"] for r in group if r["mean_vas"] is not None]
             mean_vas = sum(vas) / len(vas) if len(vas) == len(group) else None
+            names = {_short(r.get("weights")) for r in group}
             lines.append(f"| mean | {s} | {sum(r['n'] for r in group)} | "
                          f"{_fmt(sum(acc) / len(acc) if len(acc) == len(group) else None)} | "
-                         f"{_fmt(mean_vas)} | {band(mean_vas)} |")
+                         f"{_fmt(mean_vas)} | {band(mean_vas)} | {names.pop() if len(names) == 1 else 'mixed'} |")
     grouped = [r for r in rows if r.get("groups")]
     if grouped:  # accuracy per category / task / skill, as VLMEvalKit's score files list it
         lines += ["", "| benchmark | setting | column | group | n | accuracy |", "|---|---|---|---|---|---|"]
@@ -423,19 +458,13 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(rows: list[dict], out_dir: str | Path, config: dict | None = None) -> str:
+def write_summary(rows: list[dict], out_dir: str | Path, info: dict | None = None) -> str:
+    """out_dir/summary.md (summary_table) and out_dir/summary.json: {"rows": rows, **info}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = summary_table(rows)
     (out_dir / "summary.md").write_text(table, encoding="utf-8")
-    summary = {"rows": rows}
-    if config is not None:
-        summary["config"] = config
-    elif (out_dir / "summary.json").exists():  # keep the run's config written by main()
-        try:
-            summary["config"] = json.loads((out_dir / "summary.json").read_text()).get("config")
-        except (ValueError, OSError):
-            pass
+    summary = {"rows": rows, **(info or {})}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return table
 
@@ -443,21 +472,22 @@ def write_summary(rows: list[dict], out_dir: str | Path, config: dict | None = N
 # ---- VAS against accuracy ----
 
 def correlate(paths) -> dict:
-    """Accuracy and mean VAS of each predictions file (e.g. one per checkpoint), and Pearson r (with p)
-    between them across the files. A file with no VAS, or an infinite one (a model that puts no
-    attention at all on the system turn), is listed but left out of r."""
+    """Accuracy and mean VAS of each predictions file (e.g. one per checkpoint), with the checkpoint
+    that made it ("weights"), and Pearson r (with p) between them across the files. A file with no
+    VAS, or an infinite one (a model that puts no attention at all on the system turn), is listed
+    but left out of r."""
     files = []
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f"{path}: predictions file does not exist")
-        try:
-            preds = read_predictions(path)
-        except ValueError as e:  # a bad line, named
-            raise UserError(str(e)) from None
+        preds = read_predictions(path)
         if not preds:
             raise UserError(f"{path}: no predictions")
+        made_by = {json.dumps(p.get("weights"), sort_keys=True) for p in preds}
+        if len(made_by) > 1:  # evaluate.py never writes such a file; one put together by hand
+            raise UserError(f"{path}: its predictions were made by {len(made_by)} different checkpoints")
         row = summarize(preds)
-        row["file"] = str(path)
+        row.update(file=str(path), weights=preds[0].get("weights"))
         files.append(row)
     used = [f for f in files if f["mean_vas"] is not None and math.isfinite(f["mean_vas"])
             and f["accuracy"] is not None]
@@ -467,9 +497,10 @@ def correlate(paths) -> dict:
 
 
 def correlation_table(result: dict) -> str:
-    lines = ["| file | n | accuracy | mean VAS | band |", "|---|---|---|---|---|"]
+    lines = ["| file | checkpoint | n | accuracy | mean VAS | band |", "|---|---|---|---|---|---|"]
     for f in result["files"]:
-        lines.append(f"| {f['file']} | {f['n']} | {_fmt(f['accuracy'])} | {_fmt(f['mean_vas'])} | {f['band']} |")
+        lines.append(f"| {f['file']} | {_short(f.get('weights'))} | {f['n']} | {_fmt(f['accuracy'])} | "
+                     f"{_fmt(f['mean_vas'])} | {f['band']} |")
     r, p = result["r"], result["p"]
     lines.append("")
     lines.append(f"Pearson r (mean VAS vs accuracy) = {_fmt(r, 4)}, p = {'-' if p is None else f'{p:.3g}'}, "
@@ -548,25 +579,26 @@ def run_evaluation(args) -> list[dict]:
     print("config:", json.dumps(config))
     benchmarks = [read_benchmark_file(path) for path in args.bench]  # bad input fails before the model loads
     fmt = read_format_prompt(args.format_prompt) if args.format_prompt else None
-    model, tok, proc = load_model(args)
+    model_dir = check_model_folder(args.model)  # a run folder: its latest checkpoint
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
+    prov = provenance(model_dir, args.device, dtype)  # the weights' fingerprint: read once in full
+    print(f"model: {model_dir}, weights sha256 {prov['model']['sha256']}")
+    model, tok, proc = load_model(model_dir, args, dtype)
     settings, vas_layers = sweep_settings(args, model.cfg.num_hidden_layers)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_summary([], out, config=config)
-    rows = evaluate(model, tok, proc, benchmarks, out, settings, limit=args.limit, batch_size=args.batch_size,
-                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    seed=args.seed, vas=not args.no_vas, vas_layers=vas_layers,
-                    progress=not args.no_progress, compile=args.compile, skip_bad=args.skip_bad, format_prompt=fmt)
-    table = write_summary(rows, out, config=config)
-    print(table, end="")
+    rows = evaluate(model, tok, proc, benchmarks, out, settings, limit=args.limit,
+                    info={"config": config, "provenance": prov}, weights=prov["model"],
+                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p, seed=args.seed, vas=not args.no_vas, vas_layers=vas_layers,
+                    progress=not args.no_progress, compile=args.compile, skip_bad=args.skip_bad,
+                    format_prompt=fmt)
+    print(summary_table(rows), end="")
     return rows
 
 
-def load_model(args):
-    """(model, tokenizer, image processor) from the --model folder, in --dtype on --device."""
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
-    model = from_pretrained(args.model, dtype=dtype, device=args.device).eval()
-    model_dir = resolve_checkpoint(args.model)  # a run folder: its latest checkpoint
+def load_model(model_dir: str, args, dtype):
+    """(model, tokenizer, image processor) from the model folder, in `dtype` on --device."""
+    model = from_pretrained(model_dir, dtype=dtype, device=args.device).eval()
     tok = Tokenizer(model_dir)
     proc = ImageProcessor.from_pretrained(model_dir, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
     return model, tok, proc

@@ -6,7 +6,8 @@ A model folder, as the hub has it and transformers writes it:
     model.safetensors                   the weights, or, above a shard size, several files
     model-0000i-of-0000n.safetensors      listed by model.safetensors.index.json (`checkpoint_files`)
     tokenizer.json, chat_template.jinja, generation_config.json, preprocessor_config.json, ...
-                                        carried along unchanged (`HUB_FILES`, `copy_hub_files`)
+                                        carried along unchanged (`HUB_FILES`, `read_hub_files`,
+                                          `write_hub_files`)
 
 A .safetensors file is an 8-byte little-endian header length n, n bytes of JSON
 {name: {dtype, shape, data_offsets: [start, end]}} (plus an optional "__metadata__"), then the raw
@@ -18,7 +19,8 @@ in shards, `write_model_folder` a whole folder. Newer transformers name the weig
 A training run's folder (train_sft.py's or train_grpo.py's --out) holds step_N checkpoints, each a
 model folder, and a file `latest` naming the newest: `resolve_checkpoint` turns either kind of
 folder into a model folder, `check_model_folder` also checks that it is one. `replace_dir` puts a
-completely written folder in place of an old one.
+completely written folder in place of an old one. `model_identity` names the weights a result came
+from: the folder and a sha256 fingerprint of its config.json and weight files.
 
 model.py builds the model from what this module reads (`from_pretrained`) and writes its state
 through it (`save_pretrained`).
@@ -26,9 +28,11 @@ through it (`save_pretrained`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from safetensors.torch import save_file
@@ -82,7 +86,7 @@ def config_dtype(path: str) -> torch.dtype:
             if c.get(key) is not None:
                 name = str(c[key]).removeprefix("torch.")
                 if name not in DTYPES:
-                    raise ValueError(f"{path}/config.json: {key} {c[key]!r} is none of {sorted(DTYPES)}")
+                    raise UserError(f"{path}/config.json: {key} {c[key]!r} is none of {sorted(DTYPES)}")
                 return DTYPES[name]
     return torch.float32
 
@@ -100,13 +104,25 @@ def checkpoint_files(path: str):
     raise UserError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
 
 
-def copy_hub_files(src: str, dst: str, image_processor=None, tokenizer=None):
-    """The source folder's tokenizer, template, generation and preprocessor files; the
-    preprocessor's pixel bounds set to those of this run (for evaluation and RL to match); the
-    special tokens the run added to `tokenizer` (data.Tokenizer) written in (write_special_tokens)."""
-    for f in HUB_FILES:
-        if os.path.exists(os.path.join(src, f)):
-            shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+def read_hub_files(src: str) -> dict:
+    """{name: bytes} of the HUB_FILES the folder has: read once when a run starts, so that its
+    checkpoints carry them even after the folder is gone (a resumed run's own older checkpoint,
+    removed by --keep-last)."""
+    files = {}
+    for name in HUB_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            with open(os.path.join(src, name), "rb") as f:
+                files[name] = f.read()
+    return files
+
+
+def write_hub_files(files: dict, dst: str, image_processor=None, tokenizer=None):
+    """The hub files read by read_hub_files, into folder `dst`; the special tokens the run added to
+    `tokenizer` (data.Tokenizer) written in (write_special_tokens); the preprocessor's pixel bounds
+    set to those of this run (for evaluation and RL to match)."""
+    for name, content in files.items():
+        with open(os.path.join(dst, name), "wb") as f:
+            f.write(content)
     if tokenizer is not None and tokenizer.added_special:
         write_special_tokens(dst, tokenizer)
     if image_processor is None:
@@ -186,6 +202,49 @@ def replace_dir(src: str, dst: str):
         shutil.rmtree(old)
     else:
         os.rename(src, dst)
+
+
+# --------------------------------------------------------------------------------------------
+# The identity of a model folder's weights
+# --------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str, block: int = 8 << 20) -> str:
+    """sha256 of a whole file, read in 8 MiB blocks (what `sha256sum` prints, and what the hub
+    lists for a file it stores with LFS)."""
+    h, buf = hashlib.sha256(), bytearray(block)
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def fingerprint_files(path: str) -> list[str]:
+    """The files that make a model folder's weights, in name order: config.json, the index if
+    there is one, and the safetensors files (`checkpoint_files`)."""
+    names = ["config.json", *[os.path.basename(f) for f in checkpoint_files(path)]]
+    if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
+        names.append("model.safetensors.index.json")
+    return sorted(names)
+
+
+def model_identity(path: str) -> dict:
+    """{"folder": absolute path, "sha256": the fingerprint, "files": {name: sha256}} of a model
+    folder (or a run folder's `latest`). The fingerprint is the sha256 of the `sha256sum` listing
+    of `fingerprint_files`, so every byte of every weight file is in it:
+
+        cd FOLDER && sha256sum config.json model*.safetensors* | sha256sum   # (LC_ALL=C order)
+
+    Each file is read once in full, the files in parallel threads (hashlib releases the GIL): on
+    one core about as long as reading the weights to load them (`bench/bench_fingerprint.py`)."""
+    folder = os.path.abspath(check_model_folder(path))
+    names = fingerprint_files(folder)
+    with ThreadPoolExecutor(max_workers=min(len(names), os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(file_sha256, [os.path.join(folder, n) for n in names]))
+    listing = "".join(f"{d}  {n}\n" for n, d in zip(names, digests))
+    return {"folder": folder, "sha256": hashlib.sha256(listing.encode()).hexdigest(),
+            "files": dict(zip(names, digests))}
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from data import (IMAGE_PLACEHOLDER, PAD_ROLE, RESPONSE, DataError, ImageProcess
 from grpo import aggregate, group_advantages, kl_k3, policy_loss, response_mask, token_logprobs, total_reward
 from hub import check_model_folder
 from model import from_pretrained
+from provenance import provenance
 from release import read_format_prompt
 from rollouts import cat_images, generate_rollouts, generation_mode, rollout_seed
 from training import Dist, weights_checksum
@@ -552,7 +553,7 @@ class Run:
     improc: ImageProcessor
     ds: PromptDataset
     init_dir: str  # the initial policy, also the reference of the KL term (after a resume too)
-    model_dir: str  # the folder the weights came from (a checkpoint when resumed)
+    source: training.SaveSource  # what checkpoints take from the folder the weights came from
     model: torch.nn.Module
     ref_model: torch.nn.Module | None
     optimizer: torch.optim.Optimizer
@@ -592,6 +593,7 @@ def setup(args, dctx) -> Run:
     # resumed run is still the initial policy
     init_dir = state["init_model"] if state is not None else check_model_folder(args.model)
     model_dir = ckpt or init_dir
+    source = training.save_source(model_dir, args.save_dtype)  # read now: --keep-last may remove model_dir
 
     tok = Tokenizer(model_dir)
     improc = ImageProcessor.from_pretrained(model_dir, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
@@ -629,12 +631,13 @@ def setup(args, dctx) -> Run:
                   parameters=n_params, data_stats=ds.stats, torch=torch.__version__)
     dctx.print0("config: " + json.dumps(config, default=str))
     reporter = None
-    if dctx.rank == 0:
+    if dctx.rank == 0:  # the command, weights (fingerprint), code version and machine
+        config.update(save_dtype_resolved=str(source.dtype), provenance=provenance(model_dir, dctx.device, dtype))
         training.start_run_files(args.out, config, start)
         if backend is not None:
             reporter = training.Reporter(args.report_to, backend, args.out, config, start,
                                          [key for key, _, _ in plot.GRPO_PANELS])
-    return Run(args, dctx, tok, improc, ds, init_dir, model_dir, model, ref_model, optimizer, autocast,
+    return Run(args, dctx, tok, improc, ds, init_dir, source, model, ref_model, optimizer, autocast,
                steps_per_epoch, total_steps, start, ckpt, config, reporter)
 
 
@@ -738,8 +741,8 @@ def save(run: Run, step: int):
                  steps_per_epoch=run.steps_per_epoch, prompts_per_step=args.prompts_per_step,
                  group_size=args.group_size, num_records=len(run.ds), seed=args.seed, total_steps=run.total_steps,
                  world_size=run.dctx.world, init_model=run.init_dir, args=vars(args))
-    run.last_ckpt = training.save_checkpoint(run.model, run.optimizer, run.dctx, args.out, step, state, run.model_dir,
-                                             args.save_dtype, args.keep_last, run.improc)
+    run.last_ckpt = training.save_checkpoint(run.model, run.optimizer, run.dctx, args.out, step, state, run.source,
+                                             args.keep_last, run.improc, previous=run.last_ckpt)
     if run.dctx.rank == 0:
         plot.save_run_curves(args.out, "grpo")
 

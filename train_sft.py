@@ -36,7 +36,8 @@ Run:
 One process: the plain model (float32 weights, bf16 autocast on CUDA). Several (torchrun) or
 --fsdp: FSDP2 (each vision block, each decoder layer, then the root), bf16 parameters for compute,
 float32 gradient reduction, float32 sharded master weights. Outputs under --out:
-    run_config.json        all arguments and derived settings of the run
+    run_config.json        all arguments and derived settings of the run, and its provenance (the
+                           command, the weights' fingerprint, git commit, torch, device: provenance.py)
     metrics.jsonl          one line per optimizer step (--report-to: also to TensorBoard, OUT/tensorboard, or W&B)
     training_curves.png    its curves, drawn again at every checkpoint (plot.py)
     step_N/                the model folder as the hub has it, ready to upload: config.json (with its
@@ -71,6 +72,7 @@ import training
 import vas
 from data import IGNORE, IMAGE, DataError, ImageProcessor, SFTDataset, Tokenizer, UserError, collate, run_cli
 from hub import check_model_folder
+from provenance import provenance
 
 parser = argparse.ArgumentParser(description="Cold-start SFT of Qwen2.5-VL with the attention-guided objective",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -238,7 +240,7 @@ class Run:
     tok: Tokenizer
     improc: ImageProcessor
     ds: SFTDataset
-    model_dir: str  # the folder the weights came from (a checkpoint when resumed)
+    source: training.SaveSource  # what checkpoints take from the folder the weights came from
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     autocast: object  # the context of the forwards (bf16 autocast in one process)
@@ -290,6 +292,7 @@ def setup(args, dctx) -> Run:
     if args.resume and ckpt is None:
         dctx.print0(f"--resume: no checkpoint in {args.out}, starting from {args.model}")
     model_dir = ckpt or check_model_folder(args.model)  # a run folder (an SFT run for more SFT): its latest
+    source = training.save_source(model_dir, args.save_dtype)  # read now: --keep-last may remove model_dir
 
     tok = Tokenizer(model_dir)
     if args.new_special_tokens:
@@ -327,14 +330,14 @@ def setup(args, dctx) -> Run:
         dctx.print0(f"warning: {args.out} holds checkpoints of an earlier run; this run starts afresh and "
                     "overwrites them")
     reporter = None
-    if dctx.rank == 0:
+    if dctx.rank == 0:  # the command, weights (fingerprint), code version and machine
+        config.update(save_dtype_resolved=str(source.dtype), provenance=provenance(model_dir, dctx.device, dtype))
         training.start_run_files(args.out, config, start)
         if backend is not None:
             reporter = training.Reporter(args.report_to, backend, args.out, config, start,
                                          [key for key, _, _ in plot.SFT_PANELS])
-    return Run(args, dctx, tok, improc, ds, model_dir, model, optimizer, autocast, accum, steps_per_epoch,
+    return Run(args, dctx, tok, improc, ds, source, model, optimizer, autocast, accum, steps_per_epoch,
                total_steps, warmup, start, ckpt, config, reporter)
-
 
 def add_special_tokens(tok: Tokenizer, spec: str, dctx):
     """--new-special-tokens "<think>,</think>": split at commas, each stripped, as LLaMA-Factory does."""
@@ -479,8 +482,8 @@ def save(run: Run, step: int):
                  steps_per_epoch=run.steps_per_epoch, batch_size=args.batch_size, num_records=len(run.ds),
                  seed=args.seed, group_by_length=not args.no_group_by_length, total_steps=run.total_steps,
                  warmup_steps=run.warmup, world_size=run.dctx.world, args=vars(args))
-    run.last_ckpt = training.save_checkpoint(run.model, run.optimizer, run.dctx, args.out, step, state, run.model_dir,
-                                             args.save_dtype, args.keep_last, run.improc, run.tok)
+    run.last_ckpt = training.save_checkpoint(run.model, run.optimizer, run.dctx, args.out, step, state, run.source,
+                                             args.keep_last, run.improc, previous=run.last_ckpt, tokenizer=run.tok)
     if run.dctx.rank == 0:
         plot.save_run_curves(args.out, "sft")
 

@@ -11,6 +11,7 @@ optimizer, the checked update, and checkpoints that a killed run resumes from ex
     build_optimizer    AdamW, no decay on biases and norms, an own lr for the vision tower if asked
     clip_grad_norm, check_finite   the global gradient norm; NonFiniteLoss stops a diverged run
                        before its update, naming the last good checkpoint
+    save_source        what every checkpoint takes from the folder the run loaded, read at the start
     save_checkpoint    OUT/step_N (a hub folder) + OUT/train_state/step_N.pt, then OUT/latest
     resume_checkpoint, read_train_state, restore_train_state   the way back into a run
     weights_checksum   a hash of the full weights as one process sees them (GRPO's --checksum)
@@ -23,10 +24,14 @@ files of the source folder; it can be uploaded or loaded by transformers as it i
 resumed run needs (optimizer, RNG of every rank, data position; the float32 master weights when
 step_N holds a lower precision) is one file beside it, OUT/train_state/step_N.pt. Both are written
 under temporary names, fsynced and renamed; `latest` is updated last, so it never names a partial
-checkpoint.
+checkpoint, nor, while a step saved before is replaced (a run resumed from an older step), a
+missing one. A run reads the source folder's dtype and hub files once, at its start
+(`save_source`): it depends on no file it may itself remove (--keep-last removes the checkpoint a
+resumed run started from).
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -38,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from data import UserError
-from hub import config_dtype, copy_hub_files, replace_dir, resolve_checkpoint
+from hub import config_dtype, read_hub_files, replace_dir, resolve_checkpoint, write_hub_files
 from model import from_pretrained, save_pretrained
 
 
@@ -320,9 +325,19 @@ def weights_checksum(model, use_fsdp):
 
 def start_run_files(out: str, config: dict, start: int):
     """Write OUT/run_config.json (the run's full config) and cut OUT/metrics.jsonl back to the
-    steps a resumed run does not redo. Rank 0 only."""
+    steps a resumed run does not redo. A resumed run keeps, under "earlier", the start step and
+    "provenance" of each run before it in the folder (what produced the steps it continues). Rank 0 only."""
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "run_config.json"), "w") as f:
+    config_path = os.path.join(out, "run_config.json")
+    config = dict(config, start_step=start)
+    if start > 0 and os.path.exists(config_path):
+        try:
+            with open(config_path) as f:
+                old = json.load(f)
+        except ValueError:  # cut by a kill during its write
+            old = {}
+        config["earlier"] = old.get("earlier", []) + [{k: old.get(k) for k in ("start_step", "provenance")}]
+    with open(config_path, "w") as f:
         json.dump(config, f, indent=2, default=str)
     metrics_path = os.path.join(out, "metrics.jsonl")
     if os.path.exists(metrics_path):
@@ -441,7 +456,6 @@ class Reporter:
 # Checkpoints
 # --------------------------------------------------------------------------------------------
 
-# hub files carried from the source folder into every checkpoint, where it has them
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -455,6 +469,19 @@ def save_dtype(arg: str, source_dir: str) -> torch.dtype:
     """--save-dtype: `auto` keeps the dtype config.json of the source folder states (a bf16 hub
     model stays bf16); bf16, fp16 or fp32 as asked."""
     return config_dtype(source_dir) if arg == "auto" else SAVE_DTYPES[arg]
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveSource:
+    """What every checkpoint of a run takes from the folder the run loaded (the source model, or
+    the checkpoint a resumed run started from): the dtype its weights are written in and the hub
+    files it carries ({name: bytes}). Read once, when the run starts (`save_source`)."""
+    dtype: torch.dtype
+    hub_files: dict
+
+
+def save_source(model_dir: str, dtype_arg: str = "auto") -> SaveSource:
+    return SaveSource(save_dtype(dtype_arg, model_dir), read_hub_files(model_dir))
 
 
 def _fsync_path(path: str):
@@ -481,23 +508,50 @@ def write_train_state(path: str, state: dict):
     _fsync_path(os.path.dirname(path))
 
 
-def write_latest(out: str, name: str):
-    tmp = os.path.join(out, "latest.tmp")
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(out, "latest"))  # atomic: readers see the old or the new name
+def read_latest(out: str) -> str | None:
+    """The name OUT/latest holds, None without one."""
+    try:
+        with open(os.path.join(out, "latest")) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def write_latest(out: str, name: str | None):
+    """Point OUT/latest at `name` (a checkpoint folder relative to OUT) atomically, or remove it (None)."""
+    if name is None:
+        os.remove(os.path.join(out, "latest"))
+    else:
+        tmp = os.path.join(out, "latest.tmp")
+        with open(tmp, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(out, "latest"))  # atomic: readers see the old or the new name
     _fsync_path(out)
 
 
-def save_checkpoint(model, optimizer, dctx: Dist, out: str, step: int, state: dict, source_dir: str,
-                    dtype_arg: str = "auto", keep_last: int = 0, image_processor=None, tokenizer=None) -> str:
+def prune_checkpoints(out: str, step: int, keep_last: int):
+    """--keep-last: remove all but the newest `keep_last` checkpoints up to `step` (the one just
+    written) with their training states. Newer ones, left by an earlier run past the step a run
+    resumed from, are kept until this run writes that step again (it replaces them)."""
+    steps = sorted(int(d[5:]) for d in os.listdir(out) if d.startswith("step_") and d[5:].isdigit())
+    for s in [s for s in steps if s <= step][:-keep_last]:
+        ckpt = os.path.join(out, f"step_{s}")
+        if os.path.exists(train_state_path(ckpt)):
+            os.remove(train_state_path(ckpt))
+        shutil.rmtree(ckpt)
+
+
+def save_checkpoint(model, optimizer, dctx: Dist, out: str, step: int, state: dict, source: SaveSource,
+                    keep_last: int = 0, image_processor=None, previous: str | None = None, tokenizer=None) -> str:
     """Write OUT/step_N and OUT/train_state/step_N.pt, then `latest`; with keep_last > 0 remove all
-    but the last keep_last checkpoints. Every rank calls this (the state dicts are gathered
-    collectively); rank 0 writes. `source_dir`: the folder the run loaded (its dtype and hub files
-    are kept); `state`: the run's position, to which the optimizer and RNG states are added;
-    `tokenizer`: the run's, whose added special tokens go into the folder's tokenizer files."""
+    but the last keep_last checkpoints (prune_checkpoints). Every rank calls this (the state dicts
+    are gathered collectively); rank 0 writes. `source`: the dtype and hub files of the folder the
+    run loaded (save_source); `state`: the run's position, to which the optimizer and RNG states
+    are added; `previous`: the run's newest complete checkpoint (the one it resumed from, or its
+    last save), which `latest` names while a step_N that `latest` named is replaced; `tokenizer`: the
+    run's, whose added special tokens go into the folder's tokenizer files."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -514,15 +568,19 @@ def save_checkpoint(model, optimizer, dctx: Dist, out: str, step: int, state: di
     name = f"step_{step}"
     final = os.path.join(out, name)
     if dctx.rank == 0:
-        dtype = save_dtype(dtype_arg, source_dir)
         tmp = os.path.join(out, f".{name}.partial")
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
-        save_pretrained(model, tmp, state_dict=msd, dtype=dtype)  # config.json + safetensors (hub layout)
-        copy_hub_files(source_dir, tmp, image_processor, tokenizer)
+        save_pretrained(model, tmp, state_dict=msd, dtype=source.dtype)  # config.json + safetensors (hub layout)
+        write_hub_files(source.hub_files, tmp, image_processor, tokenizer)
         fsync_tree(tmp)
+        if read_latest(out) == name:
+            # A run resumed from an older step saves a step that `latest` names (the earlier run's):
+            # its train state and folder are about to be replaced. `latest` first names the run's
+            # previous checkpoint (none: no `latest`), so it never names a missing or mixed one.
+            write_latest(out, os.path.relpath(previous, out) if previous else None)
         state = dict(state, optimizer=osd, rng=rngs)
-        if dtype != torch.float32:  # step_N rounds the master weights: resume from these
+        if source.dtype != torch.float32:  # step_N rounds the master weights: resume from these
             state["model"] = msd
         os.makedirs(os.path.join(out, "train_state"), exist_ok=True)
         write_train_state(train_state_path(final), state)
@@ -530,11 +588,7 @@ def save_checkpoint(model, optimizer, dctx: Dist, out: str, step: int, state: di
         _fsync_path(out)
         write_latest(out, name)
         if keep_last > 0:
-            steps = sorted(int(d[5:]) for d in os.listdir(out) if d.startswith("step_") and d[5:].isdigit())
-            for s in steps[:-keep_last]:
-                shutil.rmtree(os.path.join(out, f"step_{s}"))
-                if os.path.exists(train_state_path(os.path.join(out, f"step_{s}"))):
-                    os.remove(train_state_path(os.path.join(out, f"step_{s}")))
+            prune_checkpoints(out, step, keep_last)
     if dctx.fsdp:
         dist.barrier()
     return final

@@ -2,6 +2,7 @@
 thread, the statistics over seeds (mean and Student-t interval, Fisher-z interval of a
 correlation, the verdict rule), a scatter plot drawn with pillow, and the README section writer."""
 
+import json
 import math
 import os
 import subprocess
@@ -12,6 +13,7 @@ from PIL import Image, ImageDraw
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's modules
 
+from hub import model_identity  # noqa: E402
 from plot import nice_ticks  # noqa: E402
 from vas import betainc  # noqa: E402
 
@@ -123,6 +125,21 @@ def update_readme(section, begin, end, path=os.path.join(ROOT, "README.md")):
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     with open(path, "w") as f:
         f.write(text)
+
+
+def eval_state(folder, model_dir, n_rows):
+    """"done": `folder` holds a finished evaluation (n_rows rows: one per setting and benchmark) of
+    the weights in `model_dir` as they are now; "other": it holds one of other weights (the arm was
+    trained again), which evaluate.py would refuse; None: no evaluation yet, or an unfinished one."""
+    try:
+        with open(os.path.join(folder, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    made_by = ((summary.get("provenance") or {}).get("model") or {}).get("sha256")
+    if made_by != model_identity(model_dir)["sha256"]:
+        return "other"
+    return "done" if len(summary.get("rows", [])) == n_rows else None
 
 
 def fisher_ci(r, n, level=0.95):

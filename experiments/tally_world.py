@@ -42,7 +42,7 @@ sys.path.insert(0, ROOT)  # the project's modules, beside which the commands bel
 
 import data  # noqa: E402
 import tally  # noqa: E402
-from common import fisher_ci, fmt_ci, fmt_vas, mean_ci, run, scatter_png, update_readme, verdict  # noqa: E402
+from common import eval_state, fisher_ci, fmt_ci, fmt_vas, mean_ci, run, scatter_png, update_readme, verdict  # noqa: E402
 from hub import resolve_checkpoint  # noqa: E402
 from model import from_pretrained  # noqa: E402
 from vas import pearson  # noqa: E402
@@ -352,7 +352,10 @@ def main():
         rows = {}
         for arm, model, extra in evals:
             folder = os.path.join(out, "eval", f"{arm.replace(' + ', '_')}_s{seed}")
-            if not _complete(folder):
+            state = eval_state(folder, model, len(SPLITS))
+            if state == "other":  # an evaluation of weights the arm no longer holds (trained again)
+                shutil.rmtree(folder)
+            if state != "done":  # an unfinished evaluation of these weights continues
                 run(ev + ["--model", model, "--out", folder, *extra], log=folder + ".log")
             got = read_eval(folder, world)
             setting = next(k[1] for k in got)
@@ -401,14 +404,6 @@ def main():
     if not args.no_readme:
         update_readme(section, README_BEGIN, README_END)
     print(section)
-
-
-def _complete(folder):
-    """True when the evaluation in folder finished (its summary has a row for every split)."""
-    try:
-        return len(json.load(open(os.path.join(folder, "summary.json")))["rows"]) == len(SPLITS)
-    except (OSError, ValueError, KeyError):
-        return False
 
 
 VERSION = 1

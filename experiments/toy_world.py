@@ -52,7 +52,7 @@ import vas  # noqa: E402
 from data import build_prompt  # noqa: E402
 from hub import resolve_checkpoint  # noqa: E402
 from model import from_pretrained  # noqa: E402
-from common import fmt_ci, fmt_vas, mean_ci, run, scatter_png, update_readme  # noqa: E402
+from common import eval_state, fmt_ci, fmt_vas, mean_ci, run, scatter_png, update_readme  # noqa: E402
 from vas import pearson  # noqa: E402
 
 MAIN_ARMS = ["base", "sft_multimodal", "sft_text_only", "sft_avar", "grpo_plain", "grpo_visual"]
@@ -315,7 +315,10 @@ def main():
             sweep = (["--a-img", *map(str, args.a_img), "--a-sys", *map(str, args.a_sys)]
                      if arm == "sft_multimodal" else [])
             folder = os.path.join(out, "eval", f"{arm}_s{s}")
-            if not os.path.exists(os.path.join(folder, "summary.json")):
+            state = eval_state(folder, model, len({(a, b) for a in args.a_img for b in args.a_sys}) if sweep else 1)
+            if state == "other":
+                shutil.rmtree(folder)
+            if state != "done":  # an unfinished evaluation of these weights continues
                 run(ev + ["--model", model, "--out", folder, *sweep], log=folder + ".log")
             rows = read_eval(folder, families)
             r = rows["base"]

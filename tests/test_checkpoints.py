@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+import hub
 import train_grpo
 import train_sft
 import training
@@ -307,3 +308,108 @@ def test_fsdp_resume_restores_the_float32_master_weights(world, tmp_path):
     assert [m["step"] for m in fsdp] == [1, 2, 3, 4]
     for m, r in zip(fsdp[2:], ref[2:]):
         assert abs(m["loss"] - r["loss"]) <= 1e-5 * abs(r["loss"]), (m, r)
+
+
+# --------------------------------------------------------------------------------------------
+# A resumed run under --keep-last; `latest` while a resumed run replaces steps; provenance
+# --------------------------------------------------------------------------------------------
+
+
+def git_head():
+    return subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.mark.parametrize("trainer", ["sft", "grpo"])
+def test_resume_under_keep_last_depends_on_no_removed_file(world, tmp_path, trainer, monkeypatch):
+    """A run resumed from step_1 with --keep-last 1 --save-every 1: saving step_2 removes step_1,
+    the folder the run loaded; steps 3 and 4 are still saved as bf16 hub folders carrying the
+    source's files (their dtype and files were read when the run started), the steps equal the
+    uninterrupted run's, and only step_4 is left. run_config.json records the command, the
+    checkpoint resumed from with its fingerprint, the code version and the machine, and keeps the
+    first run's provenance under "earlier"."""
+    if trainer == "sft":
+        def main(out, *extra):
+            return train_sft.main(sft_args(world, out, "--save-every", "1", *extra))["metrics"]
+        max_pixels = 262144
+    else:
+        def main(out, *extra):
+            return train_grpo.main(grpo_args(world, out, "--max-steps", "4", "--save-every", "1", *extra),
+                                   reward_fn=parity_reward)["metrics"]
+        max_pixels = 112 * 112
+    a, b = tmp_path / "a", tmp_path / "b"
+    monkeypatch.setattr(sys, "argv", [f"train_{trainer}.py", "--out", str(a)])
+    ref = main(a)
+    shutil.copytree(a, b, ignore=shutil.ignore_patterns("step_[234]*"))
+    (b / "latest").write_text("step_1\n")
+    monkeypatch.setattr(sys, "argv", [f"train_{trainer}.py", "--out", str(b), "--resume", "--keep-last", "1"])
+    got = main(b, "--resume", "--keep-last", "1")
+    key = "loss" if trainer == "sft" else "reward"
+    assert [(m["step"], m[key]) for m in got] == [(m["step"], m[key]) for m in ref[1:]]
+    assert sorted(f for f in os.listdir(b) if f.startswith("step_")) == ["step_4"]
+    assert os.listdir(b / "train_state") == ["step_4.pt"]
+    check_hub_checkpoint(world, b, "step_4", max_pixels=max_pixels)
+
+    config = json.load(open(b / "run_config.json"))
+    prov = config["provenance"]
+    assert prov["command"] == f"train_{trainer}.py --out {b} --resume --keep-last 1"
+    assert prov["model"] == dict(hub.model_identity(str(a / "step_1")), folder=str(b / "step_1"))  # a copy
+    assert prov["code"]["commit"] == git_head() and isinstance(prov["code"]["dirty"], bool)
+    assert (prov["torch"], prov["device"], prov["dtype"], prov["threads"]) == (torch.__version__, "cpu", "float32", 1)
+    assert config["start_step"] == 1 and config["save_dtype_resolved"] == "torch.bfloat16"
+    (first,) = config["earlier"]
+    assert first["start_step"] == 0 and first["provenance"]["model"] == hub.model_identity(world["model"])
+    assert first["provenance"]["command"] == f"train_{trainer}.py --out {a}"
+
+
+@pytest.fixture(scope="module")
+def four_steps(world, tmp_path_factory):
+    """An SFT run of 4 steps saved at 2 and 4: `latest` names step_4."""
+    out = tmp_path_factory.mktemp("four_steps") / "run"
+    train_sft.main(sft_args(world, out))
+    assert (out / "latest").read_text() == "step_4\n"
+    return out
+
+
+@pytest.mark.parametrize("extra", [["--save-every", "2"], ["--save-every", "1", "--keep-last", "1"],
+                                   ["--save-every", "2"]], ids=["replaces-latest", "keep-last", "fresh-run"])
+def test_latest_always_names_a_complete_checkpoint(world, four_steps, tmp_path, monkeypatch, extra, request):
+    """A run resumed from step_2 while `latest` names the earlier run's step_4, with another weight
+    of L_enhance (so its steps differ), saving every 2 steps (it replaces step_4, which `latest`
+    names) or every step under --keep-last 1 (step_4 of the earlier run is newer than the step it
+    saves): before and after every rename, replace and removal, `latest` names a checkpoint folder
+    that exists, whose train state belongs to it (the bf16 weights on disk are the train state's
+    float32 master weights rounded). A fresh run (no --resume) in a folder whose `latest` names
+    step_2 has no checkpoint of its own to fall back on while it replaces that step_2: there
+    `latest` may be absent, never wrong."""
+    fresh = request.node.callspec.id == "fresh-run"
+    out = tmp_path / "run"
+    shutil.copytree(four_steps, out)
+    if fresh:
+        (out / "latest").write_text("step_2\n")
+    old4 = (out / "step_4" / "model.safetensors").read_bytes()
+    seen = []
+
+    def check():
+        if fresh and not (out / "latest").exists():
+            return
+        name = (out / "latest").read_text().strip()
+        seen.append(name)
+        ckpt = out / name
+        assert (ckpt / "config.json").exists() and (ckpt / "model.safetensors").exists(), f"latest names {name}"
+        state = torch.load(out / "train_state" / f"{name}.pt", weights_only=True)
+        disk = from_pretrained(str(ckpt), dtype=torch.float32).state_dict()["lm_head.weight"]
+        assert state["step"] == int(name[5:]) and torch.equal(disk, state["model"]["lm_head.weight"].bfloat16().float())
+
+    with monkeypatch.context() as m:
+        for mod, fn in ((os, "rename"), (os, "replace"), (os, "remove"), (shutil, "rmtree")):
+            def checked(*a, real=getattr(mod, fn), **k):
+                check()
+                real(*a, **k)
+                check()
+            m.setattr(mod, fn, checked)
+        resume = [] if fresh else ["--resume", str(out / "step_2")]
+        train_sft.main(sft_args(world, out, *resume, "--agto-alpha", "1", *extra))
+    assert len(seen) >= 8 and (out / "latest").read_text() == "step_4\n"
+    assert (out / "step_4" / "model.safetensors").read_bytes() != old4  # replaced by this run's step 4
+    check()

@@ -5,7 +5,10 @@ import base64
 import io
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +18,17 @@ from PIL import Image
 
 import evaluate as E
 import grading
+import hub
 import vas as V
-from data import ImageProcessor, Tokenizer
-from model import from_pretrained
+from data import ImageProcessor, Tokenizer, UserError
+from model import Qwen2_5_VL, from_pretrained
 from toy import make_byte_tokenizer
 
 MAX_NEW = 6
-FIELDS = {"id", "benchmark", "setting", "config", "answer", "answer_type", "response", "extracted", "correct",
+# the checkpoint the library tests name (evaluate_benchmark records what its caller says; main() and
+# the tests of the command line below fingerprint the real folder)
+TINY = {"folder": "tiny-random", "sha256": "0" * 64}
+FIELDS = {"id", "benchmark", "weights", "setting", "config", "answer", "answer_type", "response", "extracted", "correct",
           "stopped", "new_tokens", "prompt_tokens", "vas", "vas_per_layer", "vas_layers"}
 
 
@@ -99,6 +106,7 @@ def count_prompts(monkeypatch, model):
 def run(parts, records, path, **kw):
     model, tok, proc = parts
     kw.setdefault("max_new_tokens", MAX_NEW)
+    kw.setdefault("weights", TINY)
     return E.evaluate_benchmark(model, tok, proc, records, path, progress=False, **kw)
 
 
@@ -107,6 +115,7 @@ def run(parts, records, path, **kw):
 def test_cli_end_to_end_records_and_summary(model_dir, benches, tmp_path):
     tsv, jsonl = benches
     out = tmp_path / "out"
+    ident = hub.model_identity(str(model_dir))
     E.main(["--model", str(model_dir), "--bench", str(tsv), str(jsonl), "--out", str(out), "--batch-size", "2",
             "--max-new-tokens", str(MAX_NEW), "--no-progress", "--a-img", "0", "0.15", "--a-sys", "0"])
     for path in (tsv, jsonl):
@@ -116,6 +125,7 @@ def test_cli_end_to_end_records_and_summary(model_dir, benches, tmp_path):
             assert [r["id"] for r in recs] == [q["id"] for q in questions]
             for r, q in zip(recs, questions):
                 assert set(r) == FIELDS
+                assert r["weights"] == {"folder": str(model_dir), "sha256": ident["sha256"]}
                 assert r["benchmark"] == bench and r["setting"] == {"a_img": a_img, "a_sys": 0.0, "layers": None}
                 assert r["config"]["max_new_tokens"] == MAX_NEW and r["config"]["temperature"] == 0.0
                 assert isinstance(r["response"], str) and isinstance(r["correct"], bool)
@@ -131,10 +141,11 @@ def test_cli_end_to_end_records_and_summary(model_dir, benches, tmp_path):
     md = (out / "summary.md").read_text().strip().splitlines()
     cells = [[c.strip() for c in row.strip().strip("|").split("|")] for row in md]
     assert all(row.startswith("|") and row.endswith("|") for row in md)
-    assert cells[0] == ["benchmark", "setting", "n", "accuracy", "mean VAS", "band"]
+    assert cells[0] == ["benchmark", "setting", "n", "accuracy", "mean VAS", "band", "checkpoint"]
     assert all(set(c) <= set("-") for c in cells[1])
     body = cells[2:]
-    assert len(body) == 6 and all(len(c) == 6 for c in body)
+    assert len(body) == 6 and all(len(c) == 7 for c in body)
+    assert all(c[6] == f"{model_dir} (sha256 {ident['sha256'][:12]})" for c in body)
     assert [(c[0], c[1]) for c in body] == [("Tiny_MINI", "base"), ("tiny_geo", "base"), ("mean", "base"),
                                             ("Tiny_MINI", "aimg0.15_asys0"), ("tiny_geo", "aimg0.15_asys0"),
                                             ("mean", "aimg0.15_asys0")]
@@ -144,6 +155,8 @@ def test_cli_end_to_end_records_and_summary(model_dir, benches, tmp_path):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["max_new_tokens"] == MAX_NEW and len(summary["rows"]) == 4
+    assert summary["provenance"]["model"] == ident
+    assert all(row["weights"] == {"folder": str(model_dir), "sha256": ident["sha256"]} for row in summary["rows"])
     for row in summary["rows"]:  # the rows agree with the predictions files
         recs = lines(row["predictions"])
         assert row["n"] == len(recs)
@@ -228,7 +241,7 @@ def test_sweep_rows_per_setting(parts, benches, tmp_path, monkeypatch):
     monkeypatch.setattr(model, "generate", spy)
     settings = [E.Setting(), E.Setting(0.15, 0.0), E.Setting(0.15, 0.4), E.Setting(0.15, 0.05, (0, 1))]
     rows = E.evaluate(model, tok, proc, [benches[1]], tmp_path, settings, batch_size=3, max_new_tokens=3,
-                      progress=False)
+                      progress=False, weights=TINY)
     assert [r["setting"] for r in rows] == ["base", "aimg0.15_asys0", "aimg0.15_asys0.4", "aimg0.15_asys0.05_L0-1"]
     assert [f is None for f in factories] == [True, False, False, False]  # the intervention reaches generate
     for s, r in zip(settings, rows):
@@ -289,7 +302,7 @@ def test_bad_benchmark_stops_before_generation(parts, tmp_path, monkeypatch):
     good = base64.b64encode(png((1, 2, 3))).decode()
     bad.write_text("index\tquestion\tanswer\timage\n1\tq\t1\t" + good + "\n2\tq\t2\tnot-base64!!\n")
     with pytest.raises(ValueError, match=r"Bad.tsv: row 2"):
-        E.evaluate(model, tok, proc, [bad], tmp_path / "out", progress=False)
+        E.evaluate(model, tok, proc, [bad], tmp_path / "out", progress=False, weights=TINY)
     assert calls == []
 
 
@@ -333,6 +346,95 @@ def test_correlate_cli(tmp_path, capsys):
     assert "Pearson r" in capsys.readouterr().out
     saved = json.loads((tmp_path / "corr" / "correlation.json").read_text())
     assert saved["r"] == pytest.approx(res["r"])
+
+
+# ------------------------------------------------------------------------------------ the weights a number belongs to
+
+def nudged_copy(src, dst):
+    """A copy of model folder `src` in which one weight differs, by 1e-3."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    sd["lm_head.weight"][0, 0] += 1e-3
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def cli_args(model, out, bench):
+    return ["--model", str(model), "--bench", str(bench), "--out", str(out), "--limit", "2", "--max-new-tokens", "2",
+            "--no-vas", "--no-progress", "--device", "cpu"]
+
+
+def test_two_models_into_one_folder(model_dir, benches, tmp_path, monkeypatch):
+    """Model B (one weight differs from A's by 1e-3) evaluated into A's folder is refused, naming
+    both checkpoints, before anything is generated or written (so is A with another config: a
+    UserError, one line at the command line); into its own folder it gets its own
+    rows. A's folder copied elsewhere (the same bytes) reuses A's answers; --correlate names the
+    checkpoint of each file."""
+    a, b = model_dir, nudged_copy(model_dir, tmp_path / "b")
+    out, bench = tmp_path / "r", benches[1]
+    E.main(cli_args(a, out, bench))
+    preds = out / "predictions" / "tiny_geo__base.jsonl"
+    written = {p: p.read_bytes() for p in (preds, out / "summary.json", out / "summary.md")}
+    sha_a, sha_b = hub.model_identity(str(a))["sha256"], hub.model_identity(str(b))["sha256"]
+    assert sha_a != sha_b
+    with pytest.raises(UserError) as e:
+        E.main(cli_args(b, out, bench))
+    assert str(e.value) == (f"{preds}: id 'q0' was made by the weights of {a} (sha256 {sha_a[:12]}); this run "
+                            f"evaluates {b} (sha256 {sha_b[:12]}): choose another --out folder, or delete {preds} "
+                            "to start afresh")
+    assert {p: p.read_bytes() for p in written} == written  # not a byte written
+    with pytest.raises(UserError, match="was made with config"):  # the same weights, another config
+        E.main(cli_args(a, out, bench) + ["--max-new-tokens", "3"])
+    assert {p: p.read_bytes() for p in written} == written
+    (row,) = E.main(cli_args(b, tmp_path / "r_b", bench))
+    assert row["weights"] == {"folder": str(b), "sha256": sha_b}
+
+    def no_generation(*a, **k):
+        raise AssertionError("generated")
+
+    monkeypatch.setattr(Qwen2_5_VL, "generate", no_generation)
+    shutil.copytree(a, tmp_path / "a_copy")
+    (row,) = E.main(cli_args(tmp_path / "a_copy", out, bench))
+    assert row["weights"] == {"folder": str(tmp_path / "a_copy"), "sha256": sha_a} and row["n"] == 2
+    assert preds.read_bytes() == written[preds]
+
+    res = E.correlate([preds, tmp_path / "r_b" / "predictions" / "tiny_geo__base.jsonl"])
+    assert [f["weights"] for f in res["files"]] == [{"folder": str(a), "sha256": sha_a},
+                                                    {"folder": str(b), "sha256": sha_b}]
+    table = E.correlation_table(res)
+    assert f"| {a} (sha256 {sha_a[:12]}) |" in table and f"| {b} (sha256 {sha_b[:12]}) |" in table
+    mixed = tmp_path / "mixed.jsonl"  # put together by hand: refused, not averaged
+    mixed.write_bytes(preds.read_bytes() + (tmp_path / "r_b" / "predictions" / "tiny_geo__base.jsonl").read_bytes())
+    with pytest.raises(UserError, match="made by 2 different checkpoints"):
+        E.correlate([mixed])
+
+
+def test_latest_moved_on_is_refused(model_dir, parts, benches, tmp_path):
+    """`evaluate.py --model runs/x` again after `latest` moved to a newer step: the command ends
+    with one `error:` line naming both steps, status 1, no traceback. A predictions file from an
+    older evaluate.py (no "weights") is refused too."""
+    run_dir, out, bench = tmp_path / "runs" / "x", tmp_path / "r", benches[1]
+    shutil.copytree(model_dir, run_dir / "step_1")
+    (run_dir / "latest").write_text("step_1\n")
+    (row,) = E.main(cli_args(run_dir, out, bench))
+    assert row["weights"]["folder"] == str(run_dir / "step_1")
+    nudged_copy(model_dir, run_dir / "step_2")
+    (run_dir / "latest").write_text("step_2\n")
+    p = subprocess.run([sys.executable, str(Path(E.__file__)), *cli_args(run_dir, out, bench)], capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and "Traceback" not in p.stderr and len(err) == 1, p.stderr
+    assert err[0].startswith(f"error: {out / 'predictions' / 'tiny_geo__base.jsonl'}: id 'q0' was made by the "
+                             f"weights of {run_dir / 'step_1'} (sha256 ") and f"evaluates {run_dir / 'step_2'}" in err[0]
+
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "weights"}) + "\n"
+                           for r in lines(out / "predictions" / "tiny_geo__base.jsonl")))
+    with pytest.raises(UserError, match="was made by weights it does not name"):
+        run(parts, E.read_benchmark(bench)[:2], old, vas=False, max_new_tokens=2,
+            weights=hub.model_identity(str(run_dir)))
 
 
 def test_sampling_is_reproducible_from_the_seed(parts, benches, tmp_path):
@@ -403,7 +505,7 @@ def test_evaluation_scores_tagged_responses(parts, tagged_dir, benches, tmp_path
     responses = {r["question"]: f"<think>looked</think><answer>{r['answer']}</answer>" for r in records}
     monkeypatch.setattr(model, "generate", fake_generate_for(tok, responses))
     row = E.evaluate_benchmark(model, tok, proc, records, tmp_path / "p.jsonl", max_new_tokens=32, vas=False,
-                               progress=False)
+                               progress=False, weights=TINY)
     recs = lines(tmp_path / "p.jsonl")
     assert row["accuracy"] == 100.0 and all(r["correct"] for r in recs)
     assert [r["response"] for r in recs] == [responses[q["question"]] for q in records]
@@ -447,7 +549,8 @@ def test_mathvista_groups_and_prediction_table(parts, tmp_path, monkeypatch):
                  "perimeter": "<think>2(3+4)</think><answer>15 cm</answer>",
                  "taller": "<think>\t\"twin\"</think><answer>B</answer>"}
     monkeypatch.setattr(model, "generate", fake_generate_for(tok, responses))
-    (row,) = E.evaluate(model, tok, proc, [path], tmp_path / "out", progress=False, vas=False, max_new_tokens=64)
+    (row,) = E.evaluate(model, tok, proc, [path], tmp_path / "out", progress=False, vas=False, max_new_tokens=64,
+                        weights=TINY)
     assert row["accuracy"] == 75.0 and row["unscored"] == 0
     groups = row["groups"]
     assert groups["task"] == {"figure question answering": {"n": 1, "accuracy": 100.0},
@@ -473,7 +576,8 @@ def test_answerless_split_is_predicted_not_scored(parts, tmp_path, monkeypatch):
     path.write_text("index\tquestion\tA\tB\tcategory\timage\n" + "".join(
         f"{i}\tQuestion {i}?\tx\ty\t{'ocr' if i else 'scene'}\t{img if i == 0 else '0'}\n" for i in range(3)))
     monkeypatch.setattr(model, "generate", fake_generate_for(tok, {"Question": "<think>t</think><answer>A</answer>"}))
-    (row,) = E.evaluate(model, tok, proc, [path], tmp_path / "out", progress=False, vas=False, max_new_tokens=64)
+    (row,) = E.evaluate(model, tok, proc, [path], tmp_path / "out", progress=False, vas=False, max_new_tokens=64,
+                        weights=TINY)
     recs = lines(tmp_path / "out" / "predictions" / "MMBench_TEST_EN__base.jsonl")
     assert [r["id"] for r in recs] == ["0", "1", "2"] and all(r["extracted"] == "A" for r in recs)
     assert all(r["answer"] is None and r["correct"] is None for r in recs)
@@ -494,4 +598,4 @@ def test_summary_bands_are_the_papers():
     assert band(8.0, 12.0) == "wide" and band(None) == "-" and band(float("inf")) == "-"
     row = {"benchmark": "b", "setting": "base", "n": 1, "accuracy": 100.0, "mean_vas": 16.0, "band": "panoramic"}
     assert E.summary_table([row, dict(row, benchmark="c", mean_vas=4.0, band="narrow")]).splitlines()[-1] == \
-        "| mean | base | 2 | 100.00 | 10.00 | wide |"
+        "| mean | base | 2 | 100.00 | 10.00 | wide | - |"

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import evaluate as E
+import hub
 import train_grpo as tg
 import train_sft
 import training
@@ -313,7 +314,8 @@ def test_evaluate_undecodable_image(rl_world, tmp_path):
     records = E.read_benchmark(rl_world["data"])  # the cut JPEG passes the reader
     assert [r["id"] for r in records] == [f"r{i}" for i in range(8)]
     out = tmp_path / "preds.jsonl"
-    kw = dict(batch_size=2, max_new_tokens=3, progress=False, vas=False)
+    kw = dict(batch_size=2, max_new_tokens=3, progress=False, vas=False,
+              weights=hub.model_identity(rl_world["model"]))
     with pytest.raises(DataError, match=r"id 'r5'.*5\.jpeg"):
         E.evaluate_benchmark(model, tok, proc, records, out, **kw)
     assert [p["id"] for p in E.read_predictions(out)] == ["r0", "r1", "r2", "r3"]  # batches before r5's
@@ -364,21 +366,45 @@ def kill_at(tmp_path, module, func, hang, argv, extra=""):
     assert p.returncode == -signal.SIGKILL
 
 
-def test_sft_sigkill_then_resume_equals_uninterrupted_run(sft_world, sft_reference, tmp_path, monkeypatch):
-    """Killed with SIGKILL as step 4 starts (checkpoint step_2 written, step 3 logged in
-    metrics.jsonl), then resumed: the metrics and the records of every step equal the uninterrupted
-    run's, with two data-loader workers and the undecodable images skipped in both."""
+# Kill-and-resume settings: the default (a save every 2 steps, killed as step 4 starts, resumed
+# from step_2); and a save every step under --keep-last 1 with a --save-dtype, killed as step 3
+# starts: the resumed run's first save removes step_2, the checkpoint it loaded, and its next
+# saves still need that folder's dtype and hub files.
+KILLS = {"default": ([], 4), "keep-last": (["--save-every", "1", "--keep-last", "1"], 3)}
+HUB_CARRIED = ["config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json",
+               "tokenizer_config.json"]
+
+
+def check_kept_last(out, step, save_dtype):
+    """Only step_N is left, a complete model folder with its hub files and weights in `save_dtype`."""
+    assert sorted(f for f in os.listdir(out) if f.startswith("step_")) == [f"step_{step}"]
+    assert os.listdir(out / "train_state") == [f"step_{step}.pt"]
+    assert sorted(os.listdir(out / f"step_{step}")) == HUB_CARRIED
+    header = hub.read_safetensors_header(str(out / f"step_{step}" / "model.safetensors"))[0]
+    assert {m["dtype"] for m in header.values()} == {save_dtype}
+
+
+@pytest.mark.parametrize("kill", KILLS)
+def test_sft_sigkill_then_resume_equals_uninterrupted_run(sft_world, sft_reference, tmp_path, monkeypatch, kill):
+    """Killed with SIGKILL as a step starts (the last checkpoint step_2 written, the step after it
+    logged in metrics.jsonl when it was not a save step), then resumed: the metrics and the records
+    of every step equal the uninterrupted run's, with two data-loader workers and the undecodable
+    images skipped in both. Under --keep-last 1 --save-dtype bf16 the run ends with step_4 alone,
+    in bf16 with the source's hub files."""
+    extra, hang = KILLS[kill]
     out = tmp_path / "run"
-    argv = sft_args(sft_world, out, "--skip-bad", workers=2)
-    kill_at(tmp_path, "train_sft", "forward_backward", 4, argv, "m.main(json.loads(os.environ['ARGV']))")
+    argv = sft_args(sft_world, out, "--skip-bad", *extra, *(["--save-dtype", "bf16"] if extra else []), workers=2)
+    kill_at(tmp_path, "train_sft", "forward_backward", hang, argv, "m.main(json.loads(os.environ['ARGV']))")
     assert (out / "latest").read_text().strip() == "step_2"
-    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, hang))
     log = []
     log_batches(monkeypatch, log)
     res = train_sft.main(argv + ["--resume"])
     assert [r["step"] for r in res["metrics"]] == [3, 4]
     assert [strip(r) for r in read_metrics(out)] == sft_reference["metrics"]
     assert log == sft_reference["batches"][2:]
+    if extra:
+        check_kept_last(out, 4, "BF16")
 
 
 GRPO_EXTRA = """
@@ -393,24 +419,30 @@ m.main(json.loads(os.environ["ARGV"]), reward_fn=reward)
 """
 
 
-def test_grpo_sigkill_then_resume_equals_uninterrupted_run(rl_world, tmp_path, monkeypatch):
-    """Killed with SIGKILL as step 4 starts (step_2 written, step 3 logged), then resumed: metrics,
-    prompts and sampled completions of every step equal those of the uninterrupted run."""
+@pytest.mark.parametrize("kill", KILLS)
+def test_grpo_sigkill_then_resume_equals_uninterrupted_run(rl_world, tmp_path, monkeypatch, kill):
+    """Killed with SIGKILL as a step starts (step_2 written, the step after it logged when it was
+    not a save step), then resumed: metrics, prompts and sampled completions of every step equal
+    those of the uninterrupted run. Under --keep-last 1 (--save-dtype auto: the float32 of the
+    source's config.json) the run ends with step_5 alone, with the source's hub files."""
+    extra, hang = KILLS[kill]
     n = 5
     ref_log = []
     ref = tg.main(grpo_args(rl_world, tmp_path / "ref", n, "--skip-bad"), reward_fn=logging_reward(ref_log))
     out = tmp_path / "run"
-    argv = grpo_args(rl_world, out, n, "--skip-bad")
+    argv = grpo_args(rl_world, out, n, "--skip-bad", *extra)
     monkeypatch.setenv("ROLLOUT_LOG", str(tmp_path / "rollouts.jsonl"))
-    kill_at(tmp_path, "train_grpo", "grpo_step", 4, argv, GRPO_EXTRA)
+    kill_at(tmp_path, "train_grpo", "grpo_step", hang, argv, GRPO_EXTRA)
     assert (out / "latest").read_text().strip() == "step_2"
-    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, hang))
     killed = [json.loads(line) for line in open(tmp_path / "rollouts.jsonl")]
-    assert killed == ref_log[:3]
+    assert killed == ref_log[:hang - 1]
     log = []
     tg.main(argv + ["--resume"], reward_fn=logging_reward(log))
     assert log == ref_log[2:]
     assert [strip(r) for r in read_metrics(out)] == [strip(r) for r in ref["metrics"]]
+    if extra:
+        check_kept_last(out, n, "F32")
 
 
 def test_resume_drops_a_metrics_line_cut_by_the_kill(tmp_path):

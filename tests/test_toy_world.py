@@ -162,3 +162,27 @@ def test_t_interval_matches_the_t_table():
     s = common.mean_ci([60.0, 70.0, 80.0])  # sd 10, n 3: half width 4.3027 * 10 / sqrt(3)
     assert s["mean"] == 70.0 and s["ci_high"] - 70.0 == pytest.approx(4.302653 * 10 / 3 ** 0.5, rel=1e-5)
     assert common.mean_ci([5.0])["ci_low"] is None and common.mean_ci([])["mean"] is None
+
+
+def test_an_evaluation_of_other_weights_is_not_reused(tiny_sft, tmp_path):
+    """The experiment reuses an arm's evaluation only while it names the weights the arm's folder
+    holds now: after the arm is trained again (here: one weight changed) it is redone."""
+    import shutil
+
+    import evaluate
+    from safetensors.torch import load_file, save_file
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import common
+
+    model, folder = tmp_path / "arm", tmp_path / "eval"
+    shutil.copytree(tiny_sft / "model", model)
+    assert common.eval_state(str(folder), str(model), 1) is None
+    evaluate.main(["--model", str(model), "--bench", str(tiny_sft / "eval.jsonl"), "--out", str(folder),
+                   "--limit", "1", "--max-new-tokens", "2", "--no-vas", "--no-progress", "--device", "cpu"])
+    assert common.eval_state(str(folder), str(model), 1) == "done"
+    assert common.eval_state(str(folder), str(model), 2) is None  # a sweep not finished
+    sd = load_file(str(model / "model.safetensors"))
+    name = sorted(sd)[0]
+    sd[name].view(-1)[0] += 1.0
+    save_file(sd, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert common.eval_state(str(folder), str(model), 1) == "other"
