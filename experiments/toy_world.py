@@ -59,6 +59,8 @@ MAIN_ARMS = ["base", "sft_multimodal", "sft_text_only", "sft_avar", "grpo_plain"
 ABLATIONS = ["sft_anchored", "sft_avar_paper", "grpo_visual_ratio"]
 RESULTS = os.path.join(ROOT, "experiments", "results")
 README_BEGIN, README_END = "<!-- toy-world results: begin -->", "<!-- toy-world results: end -->"
+DETAILS_BEGIN, DETAILS_END = "<!-- toy-world details: begin -->", "<!-- toy-world details: end -->"
+DETAILS = os.path.join(ROOT, "experiments", "README.md")
 
 
 # ---- evaluation results -------------------------------------------------------------------
@@ -187,10 +189,19 @@ ARM_COLOURS = {"base": (40, 40, 40), "sft_multimodal": (31, 119, 180), "sft_text
 
 # ---- the README section ---------------------------------------------------------------------
 
+def readme_summary(res):
+    """The README's toy-world table (the arms over seeds, the correlation) and a pointer to the rest."""
+    lines = readme_section(res).split("\n")
+    table = lines[2:lines.index("Training-free intervention on the sft_multimodal checkpoints (accuracy change in points "
+                                "against a_img = a_sys = 0, mean over seeds [95% interval]):")]
+    return "\n".join([README_BEGIN, "", *table, "The intervention sweep, the linear probe, the captions, the bounded "
+                      "ratios and the figures: `experiments/README.md`.", "", README_END])
+
+
 def readme_section(res):
-    """The README's toy-world tables, from toy_world.json alone."""
+    """The toy-world tables of experiments/README.md, from toy_world.json alone."""
     fams = res["families"]
-    lines = [README_BEGIN, "",
+    lines = [DETAILS_BEGIN, "",
              f"Measured by `python experiments/toy_world.py` (seeds {', '.join(map(str, res['seeds']))}; "
              f"{res['n_eval']} held-out problems; "
              "mean over seeds with its 95% t-interval in brackets; accuracy in %; chance "
@@ -238,9 +249,9 @@ def readme_section(res):
               f"{b['final_sys_share']['sft_avar_paper']['mean']:.2e}. Largest lambda_v * r_visual in GRPO: "
               f"grpo_visual (share) {b['max_weighted_visual']['grpo_visual']['mean']:.3g}, grpo_visual_ratio "
               f"(the paper's ratio) {b['max_weighted_visual']['grpo_visual_ratio']['mean']:.3g}.", "",
-              "![VAS against accuracy](experiments/results/vas_vs_accuracy.png)", "",
-              "![attention on the image, base model](experiments/results/heatmap_base.png)", "",
-              "![attention on the image, sft_avar](experiments/results/heatmap_sft_avar.png)", "", README_END]
+              "![VAS against accuracy](results/vas_vs_accuracy.png)", "",
+              "![attention on the image, base model](results/heatmap_base.png)", "",
+              "![attention on the image, sft_avar](results/heatmap_sft_avar.png)", "", DETAILS_END]
     return "\n".join(lines)
 
 
@@ -399,7 +410,8 @@ def main():
             log=os.path.join(out, f"heatmap_{arm}.log"))
     section = readme_section(res)
     if not args.no_readme:
-        update_readme(section, README_BEGIN, README_END)
+        update_readme(section, DETAILS_BEGIN, DETAILS_END, DETAILS)
+        update_readme(readme_summary(res), README_BEGIN, README_END)
     print(section)
 
 
