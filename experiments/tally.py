@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # toy.py beside 
 
 import toy  # noqa: E402
 from data import build_prompt, run_cli  # noqa: E402
-from synthesize import DESCRIBE_PROMPT, REASON_PROMPT, Teacher, TeacherError, synthesize  # noqa: E402
+from synthesize import TeacherError, synthesize  # noqa: E402
 
 log = logging.getLogger("tally")
 
@@ -252,10 +252,10 @@ def write_world(out_dir, n_train=1000, n_rl=1000, n_eval=1000, n_pretrain=4000, 
     return summary
 
 
-class TallyTeacher(Teacher):
-    """The teacher of the paper's three synthesis stages for this world: it sees exactly (it is
-    handed the facts of every drawing it may be shown, found by the image's pixels) and reads the
-    question's colours and family from its words, never from a stored answer:
+class TallyTeacher(toy.ToyTeacher):
+    """The teacher of the paper's three synthesis stages for this world (toy.ToyTeacher's stages:
+    it sees exactly, finding each drawing's facts by its pixels, and reads the question's colours
+    and family from its words, never from a stored answer):
         describe  a four-part description (global scan, elements cell by cell, linking, synthesis);
         reason    from the description alone: the counts, the step, the hint checked, <answer>;
         anchor    <think>Looking at the image, ... Let me check the image again: ...</think><answer>."""
@@ -279,7 +279,7 @@ class TallyTeacher(Teacher):
         raise TeacherError(f"TallyTeacher: not a tally question: {lines[0]!r}")
 
     @staticmethod
-    def describe(facts):
+    def _describe(facts):
         cells = {s["cell"]: s for s in facts["shapes"]}
         rows = []
         for r in range(GRID):
@@ -290,23 +290,13 @@ class TallyTeacher(Teacher):
                           f"3. Linking: {len(facts['shapes'])} separate shapes, one per cell.",
                           f"4. Synthesis: {caption(facts['counts'])}"])
 
-    def chat(self, messages, images=()):
-        prompt = messages[-1]["content"]
-        question = prompt.rsplit("Question:\n", 1)[-1].split("\n\nReasoning:")[0]
-        if prompt.startswith(DESCRIBE_PROMPT.split("\n")[0]):
-            key = hashlib.sha1(images[0].convert("RGB").tobytes()).hexdigest()
-            if key not in self.facts:
-                raise TeacherError("TallyTeacher: an image it was not given the facts of")
-            text = self.describe(self.facts[key])
-            self.by_description[text] = self.facts[key]
-            return text
-        description = prompt.split("Visual description:\n", 1)[1].split("\n\nQuestion:", 1)[0]
-        counts = self.by_description[description]["counts"]
+    def _write(self, facts, question, reason):
+        counts = facts["counts"]
         family, colours, hint = self.parse(question)
         answer, step = solve(family, counts, *colours, *([None] if len(colours) == 1 else []))
         seen = " and ".join(f"{counts[c]} {c}" for c in colours)
         verdict = "agrees" if hint == answer else f"is wrong: it is {answer}"
-        if prompt.startswith(REASON_PROMPT.split("\n")[0]):
+        if reason:
             return (f"The description counts {caption(counts)[:-1]}. The question is about {' and '.join(colours)}: "
                     f"{seen}. {step}. Re-checking against the description: {seen}, so the answer holds. "
                     f"The hint {verdict}.\n<answer>{answer}</answer>")

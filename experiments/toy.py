@@ -414,19 +414,25 @@ class ToyTeacher(Teacher):
                           f"4. Synthesis: {toy_caption(facts)}"])
 
     def chat(self, messages, images=()):
+        """Stage 1 finds the drawing by its pixels and describes it; stages 2 and 3 find it again by
+        that description (they see the description, not the facts) and write (self._write)."""
         prompt = messages[-1]["content"]
         question = prompt.rsplit("Question:\n", 1)[-1].split("\n\nReasoning:")[0]
         if prompt.startswith(DESCRIBE_PROMPT.split("\n")[0]):
             key = hashlib.sha1(images[0].convert("RGB").tobytes()).hexdigest()
             if key not in self.facts:
-                raise TeacherError("ToyTeacher: an image it was not given the facts of")
+                raise TeacherError(f"{type(self).__name__}: an image it was not given the facts of")
             text = self._describe(self.facts[key])
             self.by_description[text] = self.facts[key]
             return text
         description = prompt.split("Visual description:\n", 1)[1].split("\n\nQuestion:", 1)[0]
-        facts = self.by_description[description]
+        return self._write(self.by_description[description], question,
+                           reason=prompt.startswith(REASON_PROMPT.split("\n")[0]))
+
+    def _write(self, facts, question, reason):
+        """Stage 2 (reason: from the description) or stage 3 (anchored in the image)."""
         answer, step, check = self._solve(facts, question)
-        if prompt.startswith(REASON_PROMPT.split("\n")[0]):
+        if reason:
             return (f"The description shows: {toy_caption(facts)} So {step}. Let me re-check against the "
                     f"description: {check}. The answer holds.\n<answer>{answer}</answer>")
         seen = toy_caption(facts).rstrip(".")
