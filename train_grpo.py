@@ -633,9 +633,9 @@ def setup(args, dctx) -> Run:
     reporter = None
     if dctx.rank == 0:  # the command, weights (fingerprint), code version and machine
         config.update(save_dtype_resolved=str(source.dtype), provenance=provenance(model_dir, dctx.device, dtype))
-        training.start_run_files(args.out, config, start)
+        written = training.start_run_files(args.out, config, start)
         if backend is not None:
-            reporter = training.Reporter(args.report_to, backend, args.out, config, start,
+            reporter = training.Reporter(args.report_to, backend, args.out, written, start,
                                          [key for key, _, _ in plot.GRPO_PANELS])
     return Run(args, dctx, tok, improc, ds, init_dir, source, model, ref_model, optimizer, autocast,
                steps_per_epoch, total_steps, start, ckpt, config, reporter)

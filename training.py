@@ -326,7 +326,8 @@ def weights_checksum(model, use_fsdp):
 def start_run_files(out: str, config: dict, start: int):
     """Write OUT/run_config.json (the run's full config) and cut OUT/metrics.jsonl back to the
     steps a resumed run does not redo. A resumed run keeps, under "earlier", the start step and
-    "provenance" of each run before it in the folder (what produced the steps it continues). Rank 0 only."""
+    "provenance" of each run before it in the folder (what produced the steps it continues). Rank 0
+    only. Returns the config as written (what --report-to sends as the run's hyperparameters)."""
     os.makedirs(out, exist_ok=True)
     config_path = os.path.join(out, "run_config.json")
     config = dict(config, start_step=start)
@@ -355,6 +356,7 @@ def start_run_files(out: str, config: dict, start: int):
                 kept.append(line if line.endswith("\n") else line + "\n")
         with open(metrics_path, "w") as f:
             f.writelines(kept)
+    return config
 
 
 def append_metrics(out: str, row: dict):

@@ -19,7 +19,7 @@ time as in training; eval_shift: the hint is always wrong), with VAS; sft_multim
 the intervention (a_img 0.15, a_sys 0.05). The base models' perception is checked before any arm
 is judged: a linear probe on the vision features and the base's own captions, per family.
 Everything is resumable (a finished run or evaluation is kept); each command is printed before it
-runs. Outputs: experiments/results/tally_world.json, tally_vas_vs_accuracy.png, and the README's
+runs. Outputs: experiments/results/tally_world_v<N>.json, tally_vas_vs_accuracy_v<N>.png, the README's
 tally section between its markers, all written from the JSON.
 """
 
@@ -127,11 +127,15 @@ def read_split(world, split):
         return [json.loads(line) for line in f]
 
 
-def gate(perception, bar=90.0):
-    """The pre-registered perception gate of one base: the mean-pooled probe of every colour and
-    the captions of every family at or above the bar."""
-    return (all(v["mean"] >= bar for v in perception["probe"].values())
-            and all(v >= bar for v in perception["captions"].values()))
+def gate(perception, sft_loss_gate=None, bar=90.0):
+    """The pre-registered gates of one seed: its base's mean-pooled probe of every colour and its
+    captions of every family at or above the bar; from version 2, every SFT arm's final LM loss
+    (mean of the last 20 steps) at or below sft_loss_gate."""
+    ok = (all(v["mean"] >= bar for v in perception["probe"].values())
+          and all(v >= bar for v in perception["captions"].values()))
+    if sft_loss_gate is not None:
+        ok = ok and all(v <= sft_loss_gate for v in perception["sft_loss"].values())
+    return ok
 
 
 # ---- evaluation results ----------------------------------------------------------------------
@@ -227,7 +231,7 @@ def readme_section(res):
              f"Measured by `python experiments/tally_world.py` (world version {res['version']}, pre-registered at "
              f"commit {res['preregistration']}; seeds {', '.join(map(str, res['seeds']))}; {res['n_eval']} problems "
              "per test split; mean over seeds with its 95% t-interval; accuracy in %; chance "
-             f"{res['chance']:.1f}%). Written from `experiments/results/tally_world.json`.", "",
+             f"{res['chance']:.1f}%). Written from `experiments/results/tally_world_v{res['version']}.json`.", "",
              "Perception of the base models (mean over seeds; the pre-registered bar is 90 for every entry): "
              "linear probe from the vision features to each colour's count (concatenated tokens / mean-pooled), "
              "and the % of the base's own captions of eval_id images that state the right count of every "
@@ -275,7 +279,8 @@ def readme_section(res):
     w = res["claims"]["C1 within each arm"]
     lines += ["", "VAS against shifted accuracy within each arm (over seeds): " + "; ".join(
         f"{a} r = {c['r']:.2f}" if c["r"] is not None else f"{a} r: -" for a, c in w.items()) + ".", "",
-        "![VAS against shifted accuracy](experiments/results/tally_vas_vs_accuracy.png)", "", README_END]
+        f"![VAS against shifted accuracy](experiments/results/tally_vas_vs_accuracy_v{res['version']}.png)", "",
+        README_END]
     return "\n".join(lines)
 
 
@@ -289,9 +294,11 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N problems of each split (tiny runs)")
     ap.add_argument("--world-args", default="", help='extra arguments of experiments/tally.py (tiny runs)')
+    ap.add_argument("--version", type=int, default=max(VERSIONS), choices=sorted(VERSIONS),
+                    help="the pre-registered version to run (default: the latest)")
     ap.add_argument("--tiny", action="store_true", help="1 SFT epoch and 2 GRPO steps: a check that the pipeline "
                     "runs, not the pre-registered experiment (its JSON says so)")
-    ap.add_argument("--jobs", type=int, default=2, help="seeds run at a time (one thread per command)")
+    ap.add_argument("--jobs", type=int, default=3, help="seeds run at a time (one thread per command)")
     ap.add_argument("--perception-only", action="store_true", help="stop after the base models' perception check")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README section")
     args = ap.parse_args()
@@ -299,9 +306,10 @@ def main():
     torch.set_num_threads(1)  # the probes and captions of two seeds share the cores with the commands
     t0 = time.time()
     py, world, out = sys.executable, args.world, args.out
-    os.makedirs(os.path.join(out, "eval"), exist_ok=True)
+    os.makedirs(out, exist_ok=True)
     os.makedirs(args.results, exist_ok=True)
-    s = dict(SETTINGS, **(dict(sft_epochs=1, grpo_steps=2) if args.tiny else {}))
+    s = dict(VERSIONS[args.version], **(dict(sft_epochs=1, grpo_steps=2) if args.tiny else {}))
+    runs_dir = out if args.version == 1 else os.path.join(out, f"v{args.version}")  # the bases are shared
 
     # the commands of every arm
     sft = [py, "train_sft.py", "--epochs", str(s["sft_epochs"]), "--lr", str(s["sft_lr"]), "--batch-size", "16",
@@ -321,7 +329,7 @@ def main():
     def one_seed(seed):
         """Seed s: its base model (cached), the base's perception (before any arm is judged), every
         arm's training and every evaluation (each kept once finished)."""
-        d = lambda arm: os.path.join(out, f"{arm}_s{seed}")  # noqa: E731
+        d = lambda arm: os.path.join(runs_dir, f"{arm}_s{seed}")  # noqa: E731
         base = os.path.join(out, f"base_{seed}")
         run(tally_cmd + ["--model-seed", str(seed), "--model-out", base], log=base + ".log")
         perception_file = os.path.join(out, f"perception_s{seed}.json")
@@ -351,7 +359,8 @@ def main():
                       ["--a-img", str(INTERVENTION[0]), "--a-sys", str(INTERVENTION[1])]))
         rows = {}
         for arm, model, extra in evals:
-            folder = os.path.join(out, "eval", f"{arm.replace(' + ', '_')}_s{seed}")
+            folder = os.path.join(runs_dir, "eval", f"{arm.replace(' + ', '_')}_s{seed}")
+            os.makedirs(os.path.dirname(folder), exist_ok=True)
             state = eval_state(folder, model, len(SPLITS))
             if state == "other":  # an evaluation of weights the arm no longer holds (trained again)
                 shutil.rmtree(folder)
@@ -360,6 +369,8 @@ def main():
             got = read_eval(folder, world)
             setting = next(k[1] for k in got)
             rows[arm] = {"seed": seed, "checkpoint": model, **{sp: got[(sp, setting)] for sp in SPLITS}}
+        if "sft_loss_gate" in s:  # the SFT arms learnt their records (a gate of version 2 on)
+            perception = dict(perception, sft_loss={a: sft_loss(d(a)) for a in ARMS if a.startswith("sft_")})
         print(f"seed {seed} done after {(time.time() - t0) / 60:.1f} min", flush=True)
         return perception, rows
 
@@ -380,8 +391,8 @@ def main():
 
     arms = {a: {"runs": runs[a], "summary": summary(runs[a])} for a in ARMS}
     arms["sft_multimodal + intervention"] = {"runs": interv, "summary": summary(interv)}
-    res = {"version": VERSION if not args.tiny else f"{VERSION} (--tiny: not the pre-registered run)",
-           "preregistration": preregistration_commit(), "seeds": args.seeds,
+    res = {"version": args.version if not args.tiny else f"{args.version} (--tiny: not the pre-registered run)",
+           "preregistration": preregistration_commit(args.version), "seeds": args.seeds,
            "n_eval": args.limit or info["eval_id"], "families": info["families"], "accuracy_unit": "percent",
            "chance": 100 * info["chance"], "settings": s, "intervention": INTERVENTION,
            "probe": {"runs": [p["probe"] for p in perc],
@@ -389,15 +400,15 @@ def main():
                                  for c in tally.COLORS}},
            "captions": {"runs": [p["captions"] for p in perc],
                         "summary": {f: mean_ci([p["captions"][f] for p in perc]) for f in info["families"]}},
-           "gate": {str(seed): gate(p) for seed, p in zip(args.seeds, perc)},
+           "gate": {str(seed): gate(p, s.get("sft_loss_gate")) for seed, p in zip(args.seeds, perc)},
            "arms": arms, "claims": claims(runs, interv), "minutes": (time.time() - t0) / 60,
            "torch": torch.__version__}
-    with open(os.path.join(args.results, "tally_world.json"), "w") as f:
+    with open(os.path.join(args.results, f"tally_world_v{args.version}.json"), "w") as f:
         json.dump(res, f, indent=1)
     c1 = res["claims"]["C1 VAS tracks accuracy (shifted split, all checkpoints)"]
     if c1["r"] is not None:
         scatter_png([(a, r["eval_shift"]["vas"], r["eval_shift"]["accuracy"]) for a in ARMS for r in runs[a]],
-                    os.path.join(args.results, "tally_vas_vs_accuracy.png"),
+                    os.path.join(args.results, f"tally_vas_vs_accuracy_v{args.version}.png"),
                     "VAS vs shifted accuracy, one dot per checkpoint (tally world)", c1, COLOURS,
                     y_label="accuracy on eval_shift %")
     section = readme_section(res)
@@ -406,24 +417,37 @@ def main():
     print(section)
 
 
-VERSION = 1
-PREREGISTRATION_TITLE = "## The tally world, version 1: pre-registration"
+# The settings of each version, fixed by its pre-registration in experiments/README.md: a change
+# is a new version, and the old version's results stay (results/tally_world_v<N>.json).
+VERSIONS = {
+    1: dict(sft_epochs=3, sft_lr=5e-4, agto=0.15, sys_floor=0.25, grpo_steps=24, grpo_lr=5e-5, lambda_v=0.3,
+            max_new_tokens=120),
+    # version 2: version 1's SFT arms had not learnt the chains (LM loss ~0.35 after 186 steps); 8 epochs
+    # (496 steps), and a second gate on that loss
+    2: dict(sft_epochs=8, sft_lr=5e-4, agto=0.15, sys_floor=0.25, grpo_steps=24, grpo_lr=5e-5, lambda_v=0.3,
+            max_new_tokens=120, sft_loss_gate=0.1),
+}
 
 
-def preregistration_commit():
-    """The commit that wrote this version's pre-registration into experiments/README.md (the
-    oldest commit adding its title), or None outside a git checkout."""
+def preregistration_commit(version):
+    """The commit that wrote the version's pre-registration into experiments/README.md (the oldest
+    commit adding its title), or None outside a git checkout."""
+    title = f"## The tally world, version {version}: pre-registration"
     try:
-        out = subprocess.run(["git", "log", "--format=%h", "-S", PREREGISTRATION_TITLE, "--", "experiments/README.md"],
+        out = subprocess.run(["git", "log", "--format=%h", "-S", title, "--", "experiments/README.md"],
                              cwd=ROOT, capture_output=True, text=True, timeout=30)
     except OSError:
         return None
     commits = out.stdout.split()
     return commits[-1] if out.returncode == 0 and commits else None
 
-# The settings of version 1, fixed by the pre-registration (a change is a new version).
-SETTINGS = dict(sft_epochs=3, sft_lr=5e-4, agto=0.15, sys_floor=0.25, grpo_steps=24, grpo_lr=5e-5, lambda_v=0.3,
-                max_new_tokens=120)
+
+def sft_loss(run_dir, n=20):
+    """Mean LM loss of a training run's last n steps (its metrics.jsonl)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return sum(r["lm_loss"] for r in rows[-n:]) / len(rows[-n:])
+
 
 if __name__ == "__main__":
     main()

@@ -202,3 +202,15 @@ def test_read_eval_counts_answers_that_follow_the_hint(tmp_path):
     row = got[("eval_shift", "base")]
     assert row["hint_follow"] == 50.0 and row["n"] == 4
     assert row["per_family"] == {"count": 0.0, "more": 0.0, "total": 100.0, "diff": 0.0}
+
+
+def test_the_gates_of_a_seed():
+    good = {"probe": {c: {"concat": 50.0, "mean": 95.0} for c in tally.COLORS},
+            "captions": {f: 100.0 for f in tally.FAMILIES}}
+    assert tally_world.gate(good)  # the concatenated probe is reported, not gated
+    assert not tally_world.gate({**good, "captions": {**good["captions"], "diff": 89.9}})
+    assert not tally_world.gate({**good, "probe": {**good["probe"], "red": {"concat": 99.0, "mean": 80.0}}})
+    losses = {"sft_loss": {"sft_multimodal": 0.05, "sft_avar": 0.12}}
+    assert tally_world.gate({**good, **losses})  # version 1 has no loss gate
+    assert not tally_world.gate({**good, **losses}, sft_loss_gate=0.1)
+    assert tally_world.gate({**good, **losses}, sft_loss_gate=0.15)
