@@ -37,7 +37,6 @@ from data import (IMAGE_PLACEHOLDER, PAD_ROLE, RESPONSE, DataError, ImageProcess
 from grpo import aggregate, group_advantages, kl_k3, policy_loss, response_mask, token_logprobs, total_reward
 from hub import check_model_folder
 from model import from_pretrained
-from provenance import provenance
 from release import read_format_prompt
 from rollouts import cat_images, generate_rollouts, generation_mode, rollout_seed
 from training import Dist, weights_checksum
@@ -630,13 +629,8 @@ def setup(args, dctx) -> Run:
                   total_steps=total_steps, fsdp=dctx.fsdp, compute_dtype=str(dtype), device=str(dctx.device),
                   parameters=n_params, data_stats=ds.stats, torch=torch.__version__)
     dctx.print0("config: " + json.dumps(config, default=str))
-    reporter = None
-    if dctx.rank == 0:  # the command, weights (fingerprint), code version and machine
-        config.update(save_dtype_resolved=str(source.dtype), provenance=provenance(model_dir, dctx.device, dtype))
-        written = training.start_run_files(args.out, config, start)
-        if backend is not None:
-            reporter = training.Reporter(args.report_to, backend, args.out, written, start,
-                                         [key for key, _, _ in plot.GRPO_PANELS])
+    reporter = training.start_run(args, dctx, config, start, source, model_dir, dtype, backend,
+                                  [key for key, _, _ in plot.GRPO_PANELS])
     return Run(args, dctx, tok, improc, ds, init_dir, source, model, ref_model, optimizer, autocast,
                steps_per_epoch, total_steps, start, ckpt, config, reporter)
 

@@ -72,7 +72,6 @@ import training
 import vas
 from data import IGNORE, IMAGE, DataError, ImageProcessor, SFTDataset, Tokenizer, UserError, collate, run_cli
 from hub import check_model_folder
-from provenance import provenance
 
 parser = argparse.ArgumentParser(description="Cold-start SFT of Qwen2.5-VL with the attention-guided objective",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -329,13 +328,8 @@ def setup(args, dctx) -> Run:
     if ckpt is None and os.path.exists(os.path.join(args.out, "latest")):
         dctx.print0(f"warning: {args.out} holds checkpoints of an earlier run; this run starts afresh and "
                     "overwrites them")
-    reporter = None
-    if dctx.rank == 0:  # the command, weights (fingerprint), code version and machine
-        config.update(save_dtype_resolved=str(source.dtype), provenance=provenance(model_dir, dctx.device, dtype))
-        written = training.start_run_files(args.out, config, start)
-        if backend is not None:
-            reporter = training.Reporter(args.report_to, backend, args.out, written, start,
-                                         [key for key, _, _ in plot.SFT_PANELS])
+    reporter = training.start_run(args, dctx, config, start, source, model_dir, dtype, backend,
+                                  [key for key, _, _ in plot.SFT_PANELS])
     return Run(args, dctx, tok, improc, ds, source, model, optimizer, autocast, accum, steps_per_epoch,
                total_steps, warmup, start, ckpt, config, reporter)
 

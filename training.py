@@ -45,6 +45,7 @@ import torch.distributed as dist
 from data import UserError
 from hub import config_dtype, read_hub_files, replace_dir, resolve_checkpoint, write_hub_files
 from model import from_pretrained, save_pretrained
+from provenance import provenance
 
 
 class NonFiniteLoss(UserError):
@@ -357,6 +358,18 @@ def start_run_files(out: str, config: dict, start: int):
         with open(metrics_path, "w") as f:
             f.writelines(kept)
     return config
+
+
+def start_run(args, dctx, config: dict, start: int, source, model_dir: str, dtype, backend, panels):
+    """Rank 0: add the run's provenance (the command, the weights' fingerprint, code version and
+    machine) to `config`, write the run files (start_run_files) and, with a --report-to backend
+    (report_backend), open the reporter over `panels` (metrics.jsonl keys). Returns the reporter,
+    None on other ranks or without a backend."""
+    if dctx.rank != 0:
+        return None
+    config.update(save_dtype_resolved=str(source.dtype), provenance=provenance(model_dir, dctx.device, dtype))
+    written = start_run_files(args.out, config, start)
+    return Reporter(args.report_to, backend, args.out, written, start, panels) if backend is not None else None
 
 
 def append_metrics(out: str, row: dict):

@@ -341,15 +341,7 @@ def main(argv=None):
         return result
     model_dir = args.model_out or os.path.join(args.out, "model")
     mseed = args.seed if args.model_seed is None else args.model_seed
-    settings = toy.toy_pretrain_settings(args.out, mseed, args.pretrain_epochs, args.pretrain_lr,
-                                         toy.TOY_PRETRAIN["batch_size"])
-    if toy.cached_base(model_dir, settings):
-        log.info("%s: the base model pretrained with these settings is already there (cached)", model_dir)
-    else:
-        init = toy.make_toy_model(model_dir + ".init", seed=mseed, corpus=toy.toy_corpus(args.out))
-        result["pretrain"] = toy.pretrain_toy_model(args.out, init, model_dir, seed=mseed, epochs=args.pretrain_epochs,
-                                                    lr=args.pretrain_lr)
-    result["model"] = model_dir
+    result.update(toy.base_model(args.out, model_dir, mseed, args.pretrain_epochs, args.pretrain_lr))
     print(json.dumps(result, indent=2))
     return result
 

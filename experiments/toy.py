@@ -595,6 +595,19 @@ def toy_pretrain_settings(toy_dir, seed, epochs, lr, batch_size):
     return dict(world=world, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size)
 
 
+def base_model(world_dir, model_dir, seed, epochs, lr):
+    """The base model of world_dir in model_dir: kept when pretrained with these settings (cached),
+    else a fresh random model (model_dir + ".init") pretrained. Returns {"model"} (+ "pretrain":
+    the pretraining's summary when it ran). Shared by both worlds' command lines."""
+    settings = toy_pretrain_settings(world_dir, seed, epochs, lr, TOY_PRETRAIN["batch_size"])
+    if cached_base(model_dir, settings):
+        log.info("%s: the base model pretrained with these settings is already there (cached)", model_dir)
+        return {"model": model_dir}
+    init = make_toy_model(model_dir + ".init", seed=seed, corpus=toy_corpus(world_dir))
+    return {"pretrain": pretrain_toy_model(world_dir, init, model_dir, seed=seed, epochs=epochs, lr=lr),
+            "model": model_dir}
+
+
 def cached_base(out_dir, settings) -> bool:
     """True when out_dir holds a base model pretrained with exactly these settings."""
     try:
@@ -632,18 +645,10 @@ def main(argv=None):
                              image_size=args.image_size, n_rl=args.n_rl, n_pretrain=args.n_pretrain)
     model_dir = args.model_out or os.path.join(args.out, "model")
     mseed = args.seed if args.model_seed is None else args.model_seed
-    settings = toy_pretrain_settings(args.out, mseed, args.pretrain_epochs, args.pretrain_lr,
-                                     TOY_PRETRAIN["batch_size"])
     if args.no_pretrain:
         result["model"] = make_toy_model(model_dir, seed=mseed, corpus=toy_corpus(args.out))
-    elif cached_base(model_dir, settings):
-        log.info("%s: the base model pretrained with these settings is already there (cached)", model_dir)
-        result["model"] = model_dir
     else:
-        init = make_toy_model(model_dir + ".init", seed=mseed, corpus=toy_corpus(args.out))
-        result["pretrain"] = pretrain_toy_model(args.out, init, model_dir, seed=mseed, epochs=args.pretrain_epochs,
-                                                lr=args.pretrain_lr)
-        result["model"] = model_dir
+        result.update(base_model(args.out, model_dir, mseed, args.pretrain_epochs, args.pretrain_lr))
     print(json.dumps(result, indent=2))
     return result
 
